@@ -1,0 +1,87 @@
+"""data.py: IDX files (real Fashion-MNIST and broken copies) and the code-set format."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+import data
+from conftest import FASHION_MNIST
+
+
+def test_real_fashion_mnist_loads():
+    images, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10000,) and np.array_equal(np.bincount(labels), [1000] * 10)
+
+
+def _copy_split(tmp_path, transform_images=lambda raw: raw):
+    for stem in data.MNIST_FILES["test"]:
+        raw = gzip.decompress(open(os.path.join(FASHION_MNIST, stem + ".gz"), "rb").read())
+        if "images" in stem:
+            raw = transform_images(raw)
+        (tmp_path / stem).write_bytes(raw)
+    return str(tmp_path)
+
+
+def test_uncompressed_copy_reads_the_same(tmp_path):
+    a = data.load_mnist("fashion-mnist", _copy_split(tmp_path), "test")
+    b = data.load_mnist("fashion-mnist", FASHION_MNIST, "test")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: raw[:-100], "IDX header says shape (10000, 28, 28)"),
+    (lambda raw: b"PK\x03\x04" + raw[4:], "not an IDX file"),
+    (lambda raw: raw[:10], "truncated IDX header"),
+])
+def test_broken_files_name_the_file(tmp_path, damage, message):
+    d = _copy_split(tmp_path, damage)
+    with pytest.raises(data.UserError, match="t10k-images-idx3-ubyte") as e:
+        data.load_mnist("fashion-mnist", d, "test")
+    assert message in str(e.value)
+
+
+def test_corrupt_gzip_and_missing_files(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 50)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(data.UserError, match="corrupt gzip"):
+        data.load_mnist("fashion-mnist", str(tmp_path), "test")
+    with pytest.raises(data.UserError, match="train-images-idx3-ubyte.*missing fashion-mnist train file"):
+        data.load_mnist("fashion-mnist", str(tmp_path), "train")
+    with pytest.raises(data.UserError, match="no such directory"):
+        data.load_mnist("mnist", str(tmp_path / "nope"), "train")
+    with pytest.raises(data.UserError, match="unknown dataset 'cifar'"):
+        data.load_mnist("cifar", str(tmp_path), "train")
+
+
+def test_code_set_round_trip_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, 1000, (n, 2, 4, 4)) for n in (5, 3)]
+    labels = [rng.integers(0, 10, n) for n in (5, 3)]
+    for i in range(2):
+        data.write_shard(str(tmp_path), i, codes[i], labels[i])
+    data.write_meta(str(tmp_path), rng.normal(size=(1000, 8)), 2, grid=[4, 4], num_classes=10, views=2)
+    cs = data.CodeSet(str(tmp_path))
+    assert len(cs) == 8 and cs.grid == (4, 4) and cs.num_codes == 1000 and cs.views == 2
+    all_codes, all_labels = np.concatenate(codes), np.concatenate(labels)
+    idx, views = np.array([7, 0, 5, 2, 6]), np.array([1, 0, 1, 1, 0])
+    got_codes, got_labels = cs.get(idx, views)
+    assert np.array_equal(got_codes, all_codes[idx, views]) and np.array_equal(got_labels, all_labels[idx])
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_code_set_errors(tmp_path):
+    with pytest.raises(data.UserError, match="meta.json: missing"):
+        data.CodeSet(str(tmp_path))
+    data.write_shard(str(tmp_path), 0, np.zeros((2, 1, 3, 3)), np.zeros(2))
+    data.write_meta(str(tmp_path), np.zeros((10, 4)), 1, grid=[3, 3], num_classes=0, views=1)
+    os.remove(tmp_path / "codes-00000.npy")
+    with pytest.raises(data.UserError, match="missing or corrupt"):
+        data.CodeSet(str(tmp_path))
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(data.UserError, match="unreadable"):
+        data.CodeSet(str(tmp_path))
+    with pytest.raises(ValueError, match="uint16"):
+        data.write_shard(str(tmp_path), 1, np.full((1, 1, 2, 2), 70000), np.zeros(1))

@@ -1,0 +1,252 @@
+"""vfm.py against exact answers: the path, the velocity, the solvers, temperature, guidance, the losses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vfm
+from toy.run import ToyMLP
+from toy.toys import Oracle, make_toy
+
+
+def test_flow_codebook_has_unit_rms_and_keeps_nearest_codes():
+    E = torch.randn(50, 8)
+    E = E / E.norm(dim=1, keepdim=True)  # unit-sphere codes, as LlamaGen's
+    F_ = vfm.flow_codebook(E)
+    assert torch.allclose(F_, E * math.sqrt(8), atol=1e-5)
+    assert F_.pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    z = torch.randn(3, 4, 8)
+    assert torch.equal(vfm.snap(z * math.sqrt(8), F_), vfm.snap(z, E))  # a global scale of both changes nothing
+    assert torch.equal(vfm.snap(E[[3, 7, 9]], E), torch.tensor([3, 7, 9]))
+
+
+def test_snap_matches_brute_force():
+    E, z = torch.randn(40, 4), torch.randn(5, 6, 4)
+    ref = torch.cdist(z.reshape(-1, 4).double(), E.double()).argmin(1).view(5, 6)
+    assert torch.equal(vfm.snap(z, E), ref)
+
+
+def test_path_endpoints_and_times():
+    z0, z1 = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    assert torch.equal(vfm.interpolate(z0, z1, torch.zeros(4)), z0)
+    assert torch.equal(vfm.interpolate(z0, z1, torch.ones(4)), z1)
+    mid = vfm.interpolate(z0, z1, torch.full((4,), 0.25))
+    assert torch.allclose(mid, 0.75 * z0 + 0.25 * z1)
+    t = vfm.sample_t(10000, "cpu", torch.Generator().manual_seed(0))
+    assert t.min() >= vfm.T_MIN and t.max() < 1
+
+
+def test_label_dropout_uses_the_null_class():
+    y = torch.arange(10)
+    assert torch.equal(vfm.drop_labels(y, 10, 0.0), y)
+    assert torch.equal(vfm.drop_labels(y, 10, 1.0), torch.full((10,), 10))
+    dropped = vfm.drop_labels(torch.zeros(100000, dtype=torch.long), 10, 0.1, torch.Generator().manual_seed(0))
+    assert (dropped == 10).float().mean().item() == pytest.approx(0.1, abs=0.005)
+
+
+# ---- the velocity -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
+def test_purrception_velocity_matches_float64_reference(tau):
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(16, 3))
+    obj = vfm.Purrception(torch.tensor(E, dtype=torch.float32))
+    Ef = E / np.sqrt((E ** 2).mean())  # the flow codebook
+    logits, z, t = rng.normal(size=(4, 5, 16)) * 3, rng.normal(size=(4, 5, 3)), 0.37
+    l = logits / tau
+    p = np.exp(l - l.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = (p @ Ef - z) / (1 - t)
+    got = obj.prediction(torch.tensor(logits, dtype=torch.float32), torch.tensor(z, dtype=torch.float32), t, tau)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_temperature_to_zero_gives_the_argmax_code():
+    obj = vfm.Purrception(torch.randn(32, 4))
+    logits = torch.randn(6, 7, 32)
+    mu = obj.posterior_mean(logits, 1e-4)
+    assert torch.allclose(mu, obj.codebook[logits.argmax(-1)], atol=1e-5)
+    # and a large temperature gives the codebook's mean
+    assert torch.allclose(obj.posterior_mean(logits, 1e6), obj.codebook.mean(0).expand(6, 7, 4), atol=1e-4)
+
+
+def test_temperature_schedules():
+    assert vfm.parse_temperature("0.9")(0.3) == pytest.approx(0.9)
+    assert vfm.parse_temperature(1.3)(0.8) == pytest.approx(1.3)
+    lin = vfm.parse_temperature("linear:1.2:0.8")
+    assert (lin(0), lin(0.5), lin(1)) == pytest.approx((1.2, 1.0, 0.8))
+    cos = vfm.parse_temperature("cosine:1.2:0.8")
+    assert (cos(0), cos(0.5), cos(1)) == pytest.approx((1.2, 1.0, 0.8))
+    for bad in ("hot", "linear:1", "cosine:a:b", "0", "-1", "linear:1:-2"):
+        with pytest.raises(ValueError, match="temperature"):
+            vfm.parse_temperature(bad)
+
+
+# ---- solvers on analytic fields ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_solvers_on_a_linear_field_give_their_closed_forms(steps):
+    a, z0 = -1.3, torch.tensor([2.0], dtype=torch.float64)
+    field = lambda z, t: a * z  # noqa: E731
+    h = 1.0 / steps
+    euler = vfm.solve_ode(field, z0, steps, "euler")
+    assert euler.item() == pytest.approx(2.0 * (1 + a * h) ** steps, rel=1e-12)
+    heun = vfm.solve_ode(field, z0, steps, "heun")  # last step is Euler
+    assert heun.item() == pytest.approx(2.0 * (1 + a * h + (a * h) ** 2 / 2) ** (steps - 1) * (1 + a * h), rel=1e-12)
+    mid = vfm.solve_ode(field, z0, steps, "midpoint")
+    assert mid.item() == pytest.approx(2.0 * (1 + a * h + (a * h) ** 2 / 2) ** steps, rel=1e-12)
+
+
+def test_solver_orders_on_a_time_dependent_field():
+    field = lambda z, t: t * z  # noqa: E731  z(1) = z0 exp(1/2)
+    z0 = torch.ones(1, dtype=torch.float64)
+    for solver, order in (("euler", 1), ("midpoint", 2), ("heun", 2)):
+        err = [abs(vfm.solve_ode(field, z0, n, solver).item() - math.exp(0.5)) for n in (64, 128)]
+        assert err[0] / err[1] == pytest.approx(2 ** order, rel=0.05), solver
+
+
+@pytest.mark.parametrize("solver", vfm.SOLVERS)
+def test_fixed_posterior_lands_exactly_on_its_mean_and_never_evaluates_t1(solver):
+    """With q(c | z) fixed, u = (mu - z)/(1 - t) has the exact solution z_t = mu + (1 - t) (z0 - mu): linear in t,
+    so every solver lands exactly on mu."""
+    obj = vfm.Purrception(torch.randn(10, 2))
+    logits = torch.randn(10)
+    seen = []
+
+    def model(z, t, y):
+        seen.append(t.max().item())
+        return logits.expand(*z.shape[:-1], 10)
+
+    mu = obj.posterior_mean(logits, 1.0)
+    vfm.solve_ode(lambda z, t: obj.prediction(model(z, torch.full((z.shape[0],), t), None), z, t, 1.0),
+                  torch.randn(3, 4, 2), 7, solver)
+    assert max(seen) < 1
+    z1 = vfm.solve_ode(lambda z, t: (mu - z) / (1 - t), torch.randn(3, 4, 2, dtype=torch.float64), 7, solver)
+    assert torch.allclose(z1, mu.double().expand_as(z1), atol=1e-12)
+    codes = obj.sample(model, (3, 4), steps=7, solver=solver, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes, vfm.snap(mu.expand(3, 4, 2), obj.codebook))
+
+
+def test_bad_solver_and_steps_raise():
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        vfm.solve_ode(lambda z, t: z, torch.zeros(1), 4, "rk4")
+    with pytest.raises(ValueError, match="steps"):
+        vfm.solve_ode(lambda z, t: z, torch.zeros(1), 0, "euler")
+    with pytest.raises(ValueError, match="unknown objective 'flow'"):
+        vfm.build_objective("flow", torch.randn(4, 2))
+    with pytest.raises(ValueError, match="discrete Euler"):
+        vfm.build_objective("dfm", torch.randn(4, 2)).sample(None, (1, 1), solver="heun")
+    assert vfm.num_evaluations(10, "heun") == 19
+
+
+# ---- the oracle: the sampler apart from training ----------------------------------------------------------
+
+@pytest.mark.parametrize("toy_name,bound", [("checkerboard", 0.03), ("rings", 0.03), ("pairs", 0.04)])
+def test_oracle_posterior_through_the_sampler_reproduces_p(toy_name, bound):
+    toy = make_toy(toy_name)
+    obj = vfm.Purrception(toy.codebook)
+    codes = obj.sample(Oracle(toy, obj.codebook), (20000, toy.num_tokens), steps=10, solver="heun",
+                       generator=torch.Generator().manual_seed(0))
+    assert toy.tv(codes) < bound  # the sampling noise of 20,000 draws is about 0.02
+    if toy.num_tokens == 2:  # the coupling: tokens drawn independently from the marginals would score 0.75
+        indep = torch.stack([codes[torch.randperm(20000), 0], codes[:, 1]], 1)
+        assert toy.tv(indep) > 0.6
+
+
+def test_oracle_posterior_is_exact_for_one_token():
+    toy = make_toy("rings")
+    obj = vfm.Purrception(toy.codebook)
+    z, t = torch.randn(5, 1, 2), torch.full((5,), 0.6)
+    E, prior = obj.codebook.double(), toy.probs
+    logp = prior.log() - ((z.double()[:, 0, None] - 0.6 * E) ** 2).sum(-1) / (2 * 0.4 ** 2)  # (5, K)
+    got = Oracle(toy, obj.codebook)(z, t)[:, 0]
+    assert torch.allclose(torch.log_softmax(got.double(), -1), torch.log_softmax(logp, -1), atol=1e-4)
+
+
+# ---- guidance ---------------------------------------------------------------------------------------------
+
+def test_guidance_scales():
+    obj = vfm.Purrception(torch.randn(5, 2), num_classes=3)
+    model = lambda x, t, y: (y.float()[:, None, None] + 1) * torch.ones(x.shape[0], 4, 5)  # noqa: E731
+    x, y = torch.zeros(2, 4, 2), torch.tensor([0, 2])
+    cond, uncond = (y.float() + 1)[:, None, None], 4.0  # the null class is 3
+    assert torch.equal(obj.guided(model, x, 0.5, y, 1.0), cond.expand(2, 4, 5))
+    assert torch.equal(obj.guided(model, x, 0.5, y, 0.0), torch.full((2, 4, 5), uncond))
+    assert torch.allclose(obj.guided(model, x, 0.5, y, 1.3), (uncond + 1.3 * (cond - uncond)).expand(2, 4, 5))
+    assert torch.equal(obj.guided(model, x, 0.5, None, 4.0), torch.full((2, 4, 5), uncond))
+
+
+# ---- the losses -------------------------------------------------------------------------------------------
+
+class Fixed(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.calls = out, []
+
+    def forward(self, x, t, y):
+        self.calls.append((x, t, y))
+        return self.out
+
+
+def test_purrception_loss_is_cross_entropy_plus_z_loss():
+    obj = vfm.Purrception(torch.randn(6, 2), z_loss_weight=0.01, p_uncond=0.0)
+    logits, codes = torch.randn(3, 4, 6) * 4, torch.randint(0, 6, (3, 4))
+    loss, per_sample, t = obj.loss(Fixed(logits), codes)
+    lse = torch.logsumexp(logits, -1)
+    ref = (lse - logits.gather(-1, codes[..., None])[..., 0]) + 0.01 * lse ** 2
+    assert torch.allclose(per_sample, ref.mean(1), atol=1e-5) and loss.item() == pytest.approx(ref.mean().item(), abs=1e-5)
+
+
+def test_cfm_losses_regress_velocity_and_endpoint():
+    E = torch.randn(6, 2)
+    codes = torch.randint(0, 6, (3, 4))
+    for name in ("cfm", "cfm-endpoint"):
+        obj = vfm.build_objective(name, E, p_uncond=0.0)
+        model = Fixed(torch.zeros(3, 4, 2))
+        loss, _, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(1))
+        zt = model.calls[0][0]
+        z1 = obj.codebook[codes]
+        z0 = (zt - t.view(-1, 1, 1) * z1) / (1 - t.view(-1, 1, 1))
+        target = z1 - z0 if name == "cfm" else z1
+        assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-4)
+
+
+def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_masked_tokens():
+    obj = vfm.DFM(torch.randn(6, 2), p_uncond=0.0)
+    codes = torch.randint(0, 6, (4000, 8))
+    logits = torch.randn(4000, 8, 6)
+    model = Fixed(logits)
+    loss, per_sample, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(0))
+    xt = model.calls[0][0]
+    masked = xt == obj.mask_token
+    assert torch.equal(xt[~masked], codes[~masked])
+    assert masked.float().mean().item() == pytest.approx((1 - t).mean().item(), abs=0.01)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), codes.reshape(-1), reduction="none").view(4000, 8)
+    ref = (ce * masked).sum(1) / masked.sum(1).clamp_min(1)
+    assert torch.allclose(per_sample, ref, atol=1e-5)
+
+
+def test_dfm_sampler_reveals_every_token():
+    obj = vfm.DFM(torch.randn(6, 2))
+    model = lambda x, t, y: torch.nn.functional.one_hot(torch.full(x.shape, 4), 6).float() * 50  # noqa: E731
+    codes = obj.sample(model, (5, 9), steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes, torch.full((5, 9), 4))
+
+
+@pytest.mark.parametrize("name", vfm.OBJECTIVES)
+def test_every_objective_learns_the_toy(name):
+    toy = make_toy("pairs")  # two tokens, so that DFM's revealed token tells it something about the other
+    obj = vfm.build_objective(name, toy.codebook)
+    model = ToyMLP(2, **obj.model_io())
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss, _, _ = obj.loss(model, toy.sample(256, g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.15  # the noise of these means is about 0.01

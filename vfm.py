@@ -1,0 +1,356 @@
+"""
+Purrception: variational flow matching over vector-quantized latents (arXiv 2510.01478), and the three
+baselines of the paper's comparative study, all on one backbone and one training loop.
+
+Conventions, stated once and used by every file in this repo
+------------------------------------------------------------
+* Time runs from noise to data: t = 0 is noise, t = 1 is data.
+* A sample is a grid of code indices c of shape (B, *S) (S = (h, w) for images, (N,) for the toys) into a
+  codebook E of shape (K, d); its embedding is z1 = E[c], of shape (B, *S, d), channels last.
+* Source z0 ~ N(0, I) in the embedding space; path z_t = (1 - t) z0 + t z1 (the straight, rectified-flow path).
+* Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the paper's code.
+* Codebook scale: the flow runs on E / rms(E) (rms over all K * d entries), so that the codes have the same
+  per-dimension scale as the N(0, I) source. For LlamaGen's unit-sphere codes in d = 8 this is sqrt(8) * E.
+  The paper's code uses the raw embedding space; snapping to the nearest code is unchanged by a global scale,
+  so the tokenizer never sees the difference.
+* Classes: y in [0, num_classes); the null class ("no label") is the index num_classes. During training labels
+  are replaced by the null class with probability p_uncond = 0.1 (as DiT), so the same network is also the
+  unconditional model that guidance needs. With num_classes = 0 every label is the null class.
+* Classifier-free guidance: out = uncond + s * (cond - uncond). s = 1 is the conditional model (guidance off),
+  s = 0 the unconditional one. It acts on the logits for Purrception and DFM (before the temperature), on the
+  velocity for CFM and on the predicted endpoint for CFM-endpoint.
+* Sampling steps: `steps` is the number of intervals of the uniform grid 0 = t_0 < ... < t_steps = 1.
+
+Purrception in the paper's notation
+-----------------------------------
+The network outputs logits l_theta(z_t, t) over the K codes at every position: a mean-field categorical
+posterior q_theta(c | z_t) = softmax(l_theta). Training is cross-entropy against the true code, plus a z-loss
+lambda * mean(logsumexp(l)^2) (lambda = 1e-5 in the paper) that keeps the log-partition from drifting.
+Sampling integrates the ODE dz/dt = u(z, t) = (mu(z, t) - z) / (1 - t), mu = sum_k softmax(l / tau)_k e_k,
+the posterior mean of z1 at temperature tau, then snaps the end point to the nearest codebook entry.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("purrception", "cfm", "cfm-endpoint", "dfm")
+SOLVERS = ("euler", "heun", "midpoint")
+T_MIN = 1e-3
+Z_LOSS_WEIGHT = 1e-5
+P_UNCOND = 0.1
+EPS = 1e-6  # floor on 1 - t where the velocity divides by it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Path, times, codebook scale
+# ----------------------------------------------------------------------------------------------------------
+
+def flow_codebook(codebook):
+    """The codebook the flow runs on: E / rms(E), per-dimension RMS 1 like the N(0, I) source."""
+    codebook = torch.as_tensor(codebook, dtype=torch.float32)
+    return codebook / codebook.pow(2).mean().sqrt().clamp_min(1e-12)
+
+
+def sample_t(n, device, generator=None, t_min=T_MIN):
+    """Training times t ~ U[t_min, 1)."""
+    return t_min + (1 - t_min) * torch.rand(n, device=device, generator=generator)
+
+
+def interpolate(z0, z1, t):
+    """z_t = (1 - t) z0 + t z1, with t of shape (B,) broadcast over the remaining dimensions."""
+    t = t.view(-1, *([1] * (z1.dim() - 1)))
+    return (1 - t) * z0 + t * z1
+
+
+def snap(z, codebook):
+    """Nearest codebook entry of every position: (B, *S, d) -> (B, *S) code indices."""
+    flat = z.reshape(-1, z.shape[-1]).float()
+    dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1))  # (B*S, K)
+    return dist.argmin(1).view(z.shape[:-1])
+
+
+def drop_labels(y, num_classes, p_uncond, generator=None):
+    """Replace each label by the null class (index num_classes) with probability p_uncond."""
+    if y is None:
+        return None
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def null_labels(batch, num_classes, device):
+    return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Temperature: a constant, or a schedule over t
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_temperature(spec):
+    """A temperature spec -> a function t -> tau.
+
+    "0.9"               constant tau = 0.9
+    "linear:1.2:0.8"    tau goes linearly from 1.2 at t = 0 to 0.8 at t = 1
+    "cosine:1.2:0.8"    the same ends, along a half cosine (flat at both ends)
+    A number or a callable passes through.
+    """
+    if callable(spec):
+        return spec
+    if isinstance(spec, (int, float)):
+        values, kind = [float(spec)], "constant"
+    else:
+        kind, *rest = str(spec).split(":") if ":" in str(spec) else ("constant", str(spec))
+        try:
+            values = [float(v) for v in rest]
+        except ValueError:
+            values = []
+    if kind == "constant" and len(values) == 1:
+        tau0 = tau1 = values[0]
+    elif kind in ("linear", "cosine") and len(values) == 2:
+        tau0, tau1 = values
+    else:
+        raise ValueError(f"bad temperature '{spec}': expected a number, 'linear:T0:T1' or 'cosine:T0:T1'")
+    if min(tau0, tau1) <= 0:
+        raise ValueError(f"bad temperature '{spec}': temperatures must be > 0")
+    if kind == "cosine":
+        return lambda t: tau1 + (tau0 - tau1) * 0.5 * (1 + math.cos(math.pi * t))
+    return lambda t: tau0 + (tau1 - tau0) * t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ODE solvers over the grid t_0 = 0 < ... < t_steps = 1
+# ----------------------------------------------------------------------------------------------------------
+
+def solve_ode(velocity, z, steps, solver="euler"):
+    """Integrate dz/dt = velocity(z, t) from t = 0 to t = 1 in `steps` uniform steps.
+
+    euler     1 evaluation a step, at t_i: t = 1 is never evaluated.
+    midpoint  2 evaluations a step, at t_i and t_i + h/2: t = 1 is never evaluated.
+    heun      2 evaluations a step (predictor at t_i, corrector at t_i+1), except the last step, which is an
+              Euler step: its corrector would sit at t = 1, where (mu - z) / (1 - t) is singular. Nothing is
+              lost: an Euler step of length 1 - t on u = (mu - z)/(1 - t) lands exactly on mu.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}'; choose from: {', '.join(SOLVERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    for i in range(steps):
+        t, h = ts[i], ts[i + 1] - ts[i]
+        v = velocity(z, t)
+        if solver == "midpoint":
+            z = z + h * velocity(z + 0.5 * h * v, t + 0.5 * h)
+        elif solver == "heun" and i < steps - 1:
+            z_pred = z + h * v
+            z = z + 0.5 * h * (v + velocity(z_pred, ts[i + 1]))
+        else:
+            z = z + h * v
+    return z
+
+
+def num_evaluations(steps, solver):
+    """Network evaluations per sample (NFE) of solve_ode."""
+    return {"euler": steps, "midpoint": 2 * steps, "heun": 2 * steps - 1}[solver]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives
+# ----------------------------------------------------------------------------------------------------------
+
+class Objective:
+    """What a method trains and how it samples. Subclasses: Purrception, CFM, CFMEndpoint, DFM.
+
+    The network is any callable model(x, t, y): x (B, *S, d) float (or (B, *S) long for DFM), t (B,) in [0, 1],
+    y (B,) long with the null class num_classes; it returns (B, *S, out_dim).
+    """
+
+    name = None
+
+    def __init__(self, codebook, num_classes=0, p_uncond=P_UNCOND, t_min=T_MIN):
+        self.codebook = flow_codebook(codebook)  # (K, d)
+        self.num_codes, self.code_dim = self.codebook.shape
+        self.num_classes, self.p_uncond, self.t_min = num_classes, p_uncond, t_min
+
+    def model_io(self):
+        """Keyword arguments that size the network: in_dim, out_dim, input_vocab."""
+        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
+
+    def to(self, device):
+        self.codebook = self.codebook.to(device)
+        return self
+
+    def embed(self, codes):
+        return self.codebook.to(codes.device)[codes]  # (B, *S, d)
+
+    def labels(self, y, batch, device):
+        return null_labels(batch, self.num_classes, device) if y is None else y
+
+    def guided(self, model, x, t, y, cfg_scale):
+        """The model's output under classifier-free guidance: uncond + s * (cond - uncond)."""
+        B = x.shape[0]
+        null = null_labels(B, self.num_classes, x.device)
+        t = torch.full((B,), float(t), device=x.device) if not torch.is_tensor(t) else t
+        if y is None or cfg_scale == 1:
+            return model(x, t, null if y is None else y).float()
+        if cfg_scale == 0:
+            return model(x, t, null).float()
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+        cond, uncond = out.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    def loss(self, model, codes, y=None, generator=None):
+        """Returns (scalar loss, per-sample loss (B,), t (B,)): the last two for loss-by-t logging."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+               generator=None, callback=None):
+        """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation."""
+        raise NotImplementedError
+
+    def _draw_t(self, codes, generator):
+        return sample_t(codes.shape[0], codes.device, generator, self.t_min)
+
+
+class _ContinuousFlow(Objective):
+    """Shared by Purrception, CFM and CFM-endpoint: a continuous flow from N(0, I) to the codebook."""
+
+    def prediction(self, out, z, t, tau):
+        """The velocity u(z, t) from the (guided) network output."""
+        raise NotImplementedError
+
+    def loss(self, model, codes, y=None, generator=None):
+        z1 = self.embed(codes)
+        z0 = torch.randn(z1.shape, device=z1.device, generator=generator)
+        t = self._draw_t(codes, generator)
+        zt = interpolate(z0, z1, t)
+        y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
+        per_sample = self.per_sample_loss(model(zt, t, y).float(), codes, z0, z1)
+        return per_sample.mean(), per_sample.detach(), t
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+               generator=None, callback=None):
+        device = self.codebook.device
+        tau = parse_temperature(temperature)
+        z = torch.randn(*shape, self.code_dim, device=device, generator=generator)  # z0 ~ N(0, I)
+
+        def velocity(z, t):
+            out = self.guided(model, z, t, y, cfg_scale)
+            if callback is not None:
+                callback(t, z, out)
+            return self.prediction(out, z, t, tau(t))
+
+        return snap(solve_ode(velocity, z, steps, solver), self.codebook)
+
+
+class Purrception(_ContinuousFlow):
+    """Variational flow matching with a categorical posterior over the codes (the paper's method)."""
+
+    name = "purrception"
+
+    def __init__(self, codebook, num_classes=0, z_loss_weight=Z_LOSS_WEIGHT, **kw):
+        super().__init__(codebook, num_classes, **kw)
+        self.z_loss_weight = z_loss_weight
+
+    def model_io(self):
+        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
+
+    def per_sample_loss(self, logits, codes, z0, z1):
+        # -log q_theta(c | z_t) at every position, plus lambda * logsumexp(l)^2 (the z-loss)
+        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")
+        lse = torch.logsumexp(logits, dim=-1).reshape(-1)
+        per_position = ce + self.z_loss_weight * lse.pow(2)
+        return per_position.view(codes.shape[0], -1).mean(1)
+
+    def posterior_mean(self, logits, tau):
+        """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""
+        return torch.softmax(logits / tau, dim=-1) @ self.codebook  # (B, *S, d)
+
+    def prediction(self, logits, z, t, tau):
+        return (self.posterior_mean(logits, tau) - z) / max(1 - t, EPS)
+
+
+class CFM(_ContinuousFlow):
+    """Conditional flow matching: regress the velocity z1 - z0 by MSE."""
+
+    name = "cfm"
+
+    def per_sample_loss(self, v, codes, z0, z1):
+        return (v - (z1 - z0)).pow(2).flatten(1).mean(1)
+
+    def prediction(self, v, z, t, tau):
+        return v
+
+
+class CFMEndpoint(_ContinuousFlow):
+    """Flow matching with an endpoint (data) prediction: regress z1 by MSE, velocity (z1_hat - z) / (1 - t)."""
+
+    name = "cfm-endpoint"
+
+    def per_sample_loss(self, z1_hat, codes, z0, z1):
+        return (z1_hat - z1).pow(2).flatten(1).mean(1)
+
+    def prediction(self, z1_hat, z, t, tau):
+        return (z1_hat - z) / max(1 - t, EPS)
+
+
+class DFM(Objective):
+    """Discrete flow matching (Gat et al. 2024) with a masked source and the scheduler kappa_t = t.
+
+    The source is all-mask (token index K); x_t keeps each true code with probability kappa_t = t and masks it
+    otherwise. The network reads x_t and predicts p(c | x_t) at every position; the loss is cross-entropy on the
+    masked positions. The sampler is the discrete Euler step: over [t, t + h] a masked token is revealed with
+    probability h * kappa'(t) / (1 - kappa(t)) = h / (1 - t), drawing its code from softmax(l / tau); the last
+    step reveals every remaining token.
+    """
+
+    name = "dfm"
+
+    @property
+    def mask_token(self):
+        return self.num_codes
+
+    def model_io(self):
+        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
+
+    def loss(self, model, codes, y=None, generator=None):
+        t = self._draw_t(codes, generator)
+        keep = torch.rand(codes.shape, device=codes.device, generator=generator) < t.view(-1, *[1] * (codes.dim() - 1))
+        xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))
+        y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
+        logits = model(xt, t, y).float()
+        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")
+        masked = (~keep).reshape(codes.shape[0], -1).float()
+        per_sample = (ce.view(codes.shape[0], -1) * masked).sum(1) / masked.sum(1).clamp_min(1)
+        return per_sample.mean(), per_sample.detach(), t
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+               generator=None, callback=None):
+        if solver != "euler":
+            raise ValueError(f"DFM samples with its discrete Euler step only, not '{solver}'")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        device = self.codebook.device
+        tau = parse_temperature(temperature)
+        x = torch.full(shape, self.mask_token, dtype=torch.long, device=device)
+        ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+        for i in range(steps):
+            t, h = ts[i], ts[i + 1] - ts[i]
+            logits = self.guided(model, x, t, y, cfg_scale)
+            if callback is not None:
+                callback(t, x, logits)
+            probs = torch.softmax(logits / tau(t), dim=-1)
+            draw = torch.multinomial(probs.reshape(-1, self.num_codes), 1, generator=generator).view(shape)
+            reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)
+            x = torch.where((x == self.mask_token) & reveal, draw, x)
+        return x
+
+
+def build_objective(name, codebook, num_classes=0, **kw):
+    classes = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoint, "dfm": DFM}
+    if name not in classes:
+        raise ValueError(f"unknown objective '{name}'; choose from: {', '.join(OBJECTIVES)}")
+    return classes[name](codebook, num_classes, **kw)
