@@ -230,3 +230,59 @@ class CodeSet:
             codes[rows[order]] = self.codes[s][local[order], views[rows[order]]]
             labels[rows[order]] = self.labels[s][local[order]]
         return codes, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ImageFolder trees (ImageNet): root/<class name>/<image>, classes in sorted order
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".JPEG")
+
+
+def list_imagefolder(root):
+    """(paths, labels, class_names) of an ImageFolder tree, classes and files in sorted order."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: no such directory (expected an ImageFolder tree: ROOT/<class>/<image>)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(e.name for e in os.scandir(os.path.join(root, name))
+                       if e.is_file() and e.name.lower().endswith(tuple(x.lower() for x in IMAGE_EXTENSIONS)))
+        paths += [os.path.join(root, name, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise UserError(f"{root}: not an ImageFolder tree (expected ROOT/<class>/<image>.jpg|png, found "
+                        f"{len(classes)} class directories and no images in them)")
+    return paths, np.array(labels, dtype=np.int64), classes
+
+
+def center_crop(image, size):
+    """ADM's preprocessing (used by DiT): halve with a box filter while the short side is >= 2 * size, resize
+    the short side to `size` with a bicubic filter, then crop the centre square."""
+    from PIL import Image
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class ImageFolderImages:
+    """Item i: (image (3, size, size) float32 in [-1, 1], label), for a torch DataLoader with workers."""
+
+    def __init__(self, paths, labels, size):
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as f:
+                image = center_crop(f.convert("RGB"), self.size)
+        except OSError as e:
+            raise UserError(f"{self.paths[i]}: not a readable image ({e})") from None
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
+        return array, int(self.labels[i])
