@@ -259,10 +259,10 @@ class Purrception(_ContinuousFlow):
 
     def per_sample_loss(self, logits, codes, z0, z1):
         # -log q_theta(c | z_t) at every position, plus lambda * logsumexp(l)^2 (the z-loss)
-        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")
-        lse = torch.logsumexp(logits, dim=-1).reshape(-1)
+        lse = torch.logsumexp(logits, dim=-1)  # (B, *S): one pass over the K logits serves both terms
+        ce = lse - logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # -log softmax(l)_c
         per_position = ce + self.z_loss_weight * lse.pow(2)
-        return per_position.view(codes.shape[0], -1).mean(1)
+        return per_position.reshape(codes.shape[0], -1).mean(1)
 
     def posterior_mean(self, logits, tau):
         """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""

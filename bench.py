@@ -1,0 +1,267 @@
+"""
+Training throughput of the DiT on the Purrception objective: steps/s, images/s, achieved TFLOP/s and MFU.
+
+    python bench.py --models DiT-B/2 DiT-XL/2 --batch-size 32 --dtype bf16 --out BENCHMARKS.md     # one GPU
+    python bench.py --models DiT-T/2 DiT-S/2 --batch-size 8 --dtype fp32 bf16 --steps 5 --warmup 2  # a CPU
+
+What is timed: full training steps of train.py's objective, vfm.Purrception (cross-entropy over the K codes at
+every grid position plus the z-loss), forward, backward and AdamW, on random code grids of --grid x --grid
+(32 x 32 is ImageNet-256 with an 8x tokenizer: 256 tokens at patch size 2) with codes of dimension --in-dim.
+The network outputs K = --codebook-size logits per position. --warmup steps are run first (torch.compile
+compiles during them), then --steps steps are timed, with the device synchronised before each clock read.
+
+FLOPs are the model's analytic count (DiT.flops_per_forward: every matrix product, a multiply-add counted as
+2 FLOPs, the output head over the K codes included) times 3 for a training step (forward, and a backward that
+costs twice the forward). The loss, the optimizer and element-wise work are not counted.
+MFU = achieved FLOP/s / the device's dense peak: bf16 for --dtype bf16, TF32 for --dtype fp32 (TF32 matmuls are
+enabled on CUDA), looked up by device name or given with --peak-tflops. On a CPU without --peak-tflops: n/a.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+
+import vfm
+from dit import DiT_models, build_dit
+
+# Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (name fragment, bf16, tf32), first match wins.
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.4, 494.7),  # SXM
+    ("H200", 989.4, 494.7),
+    ("A100", 312.0, 156.0),
+]
+COLUMNS = ["model", "params (M)", "dtype", "compile", "batch", "steps/s", "images/s", "GFLOP/image/step",
+           "TFLOP/s", "MFU", "peak mem (GiB)"]
+NEW_FILE_HEADER = "# Benchmarks\n\nTraining throughput measured by `bench.py`; its docstring says what is measured.\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, precision, peak
+# ----------------------------------------------------------------------------------------------------------
+
+def describe_device(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads)")
+
+
+def peak_tflops(device, dtype, override=None):
+    """The dense peak for this dtype (TF32 for fp32), or None where it is unknown."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, bf16, tf32 in PEAK_TFLOPS:
+        if fragment in name:
+            return bf16 if dtype == "bf16" else tf32
+    return None
+
+
+def autocast_context(device, dtype):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One configuration
+# ----------------------------------------------------------------------------------------------------------
+
+def time_training(name, dtype, compiled, args, device):
+    """Seconds per training step and peak memory (GiB, CUDA only) for one model, dtype and compile setting."""
+    torch.manual_seed(args.seed)
+    B, G, K = args.batch_size, args.grid, args.codebook_size
+    model = build_dit(name, grid_size=G, in_dim=args.in_dim, out_dim=K, num_classes=args.num_classes).to(device)
+    net = torch.compile(model) if compiled else model
+    objective = vfm.build_objective("purrception", torch.randn(K, args.in_dim), args.num_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    codes = torch.randint(K, (B, G, G), device=device)
+    y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
+    autocast = autocast_context(device, dtype)
+
+    def step():
+        with autocast:
+            loss, _, _ = objective.loss(net, codes, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, memory
+
+
+def run_config(name, dtype, compiled, args, device, flops_per_image, params):
+    """One row of the table: the measurement, or OOM where the configuration does not fit."""
+    row = {"model": name, "params (M)": f"{params / 1e6:.1f}", "dtype": dtype, "compile": "yes" if compiled else "no",
+           "batch": str(args.batch_size), "GFLOP/image/step": f"{flops_per_image / 1e9:.4g}"}
+    try:
+        seconds, memory = time_training(name, dtype, compiled, args, device)
+    except torch.cuda.OutOfMemoryError:
+        row.update({"steps/s": "OOM", "images/s": "OOM", "TFLOP/s": "-", "MFU": "-", "peak mem (GiB)": "-"})
+        return row
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    images_per_s = args.batch_size / seconds
+    achieved = flops_per_image * images_per_s / 1e12
+    peak = peak_tflops(device, dtype, args.peak_tflops)
+    row.update({"steps/s": f"{1 / seconds:.3g}", "images/s": f"{images_per_s:.3g}", "TFLOP/s": f"{achieved:.3g}",
+                "MFU": f"{100 * achieved / peak:.1f}%" if peak else "n/a",
+                "peak mem (GiB)": f"{memory:.1f}" if memory is not None else "n/a"})
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
+    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report_section(rows, args, device, command):
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    setup = (f"Grid {args.grid} x {args.grid}, code dimension {args.in_dim}, K = {args.codebook_size} codes, "
+             f"{args.num_classes} classes; {args.warmup} warm-up and {args.steps} timed steps.")
+    return (f"## {when}: {describe_device(device)}, torch {torch.__version__}\n\n"
+            f"```\n{command}\n```\n\n{setup}\n\n{markdown_table(rows)}")
+
+
+def append_markdown(path, text):
+    """Append a section to a markdown file atomically: write the whole new file beside it, then rename."""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        mode = os.stat(path).st_mode & 0o777
+    else:
+        old, mode = NEW_FILE_HEADER, 0o644
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench-", suffix=".md")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(old.rstrip("\n") + "\n\n" + text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Training throughput and MFU of the DiT on the Purrception objective.")
+    p.add_argument("--models", nargs="+", default=["DiT-B/2"], choices=list(DiT_models), metavar="MODEL",
+                   help=f"one or more of: {', '.join(DiT_models)}")
+    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
+                   help="bf16: autocast to bfloat16; fp32: float32 (TF32 matmuls on CUDA)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="torch.compile the model; `--compile both` measures eager and compiled")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step on the one device")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--grid", type=int, default=32, help="code grid side: 32 for ImageNet-256 with an 8x tokenizer")
+    p.add_argument("--in-dim", type=int, default=8, help="code embedding dimension d")
+    p.add_argument("--codebook-size", type=int, default=16384, help="K, the number of logits per position")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU, instead of the table")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="append a dated section with the table to this markdown file")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "steps", "grid", "in_dim", "codebook_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.num_classes < 0:
+        p.error("--warmup and --num-classes must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def fail(message):
+    print(f"bench.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        fail(str(e))
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}, but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Size every model on the meta device first: a bad --grid fails here, before anything is timed.
+    sizes = {}
+    for name in args.models:
+        try:
+            with torch.device("meta"):
+                model = build_dit(name, grid_size=args.grid, in_dim=args.in_dim, out_dim=args.codebook_size,
+                                  num_classes=args.num_classes)
+        except ValueError as e:
+            fail(f"{name}: {e}")
+        sizes[name] = (3 * model.flops_per_forward(), model.num_params())
+
+    compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    print(f"device: {describe_device(device)}, torch {torch.__version__}")
+    rows = []
+    for name in args.models:
+        for dtype in args.dtype:
+            for compiled in compile_settings:
+                row = run_config(name, dtype, compiled, args, device, *sizes[name])
+                print(f"{name} {dtype} compile={row['compile']}: {row['steps/s']} steps/s, {row['images/s']} images/s, "
+                      f"{row['TFLOP/s']} TFLOP/s, MFU {row['MFU']}", flush=True)
+                rows.append(row)
+
+    print()
+    print(markdown_table(rows), end="")
+    if args.out:
+        append_markdown(args.out, report_section(rows, args, device, shlex.join(["python", "bench.py", *argv])))
+        print(f"appended to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""bench.py: the table it prints and appends, its errors, and the OOM row. No timing is asserted."""
+
+import pytest
+import torch
+
+import bench
+
+TINY = ["--models", "DiT-T/2", "--batch-size", "2", "--grid", "4", "--codebook-size", "16", "--num-classes", "3",
+        "--steps", "1", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """--threads sets torch's global thread count; put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(text):
+    """The data rows of every markdown table in text, as lists of cells."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows if row[0].strip() != "model"]
+
+
+def test_appends_a_section_with_one_row_per_config(tmp_path):
+    out = tmp_path / "BENCH.md"
+    out.write_text("# My benchmarks\n\nkept as is\n")
+    bench.main(TINY + ["--dtype", "fp32", "bf16", "--out", out])
+    text = out.read_text()
+    assert text.startswith("# My benchmarks\n\nkept as is\n")
+    assert "| " + " | ".join(bench.COLUMNS) + " |" in text
+    assert "python bench.py --models DiT-T/2 --batch-size 2" in text
+    assert f"torch {torch.__version__}" in text and " UTC: " in text
+    rows = table_rows(text)
+    assert [[r[0], *r[2:5]] for r in rows] == [["DiT-T/2", "fp32", "no", "2"], ["DiT-T/2", "bf16", "no", "2"]]
+    for row in rows:
+        assert len(row) == len(bench.COLUMNS)
+        cells = dict(zip(bench.COLUMNS, row))
+        assert float(cells["steps/s"]) > 0 and float(cells["images/s"]) > 0 and float(cells["TFLOP/s"]) > 0
+        assert cells["MFU"] == "n/a" and cells["peak mem (GiB)"] == "n/a"  # a CPU without --peak-tflops
+    # a second run appends a second section and keeps the first
+    bench.main(TINY + ["--dtype", "fp32", "--out", out])
+    assert out.read_text().startswith(text) and len(table_rows(out.read_text())) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCH.md"]  # no temporary file left behind
+
+
+def test_flops_column_is_three_forwards(tmp_path):
+    rows = bench.main(TINY + ["--dtype", "fp32", "--peak-tflops", "1"])
+    model = bench.build_dit("DiT-T/2", grid_size=4, in_dim=8, out_dim=16, num_classes=3)
+    assert float(rows[0]["GFLOP/image/step"]) == pytest.approx(3 * model.flops_per_forward() / 1e9, rel=1e-3)
+    assert rows[0]["MFU"].endswith("%")
+
+
+def test_compile_both_measures_eager_and_compiled(monkeypatch):
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))  # trace, skip codegen
+    rows = bench.main(TINY + ["--dtype", "fp32", "--compile", "both"])
+    assert [r["compile"] for r in rows] == ["no", "yes"]
+    assert all(float(r["steps/s"]) > 0 for r in rows)
+
+
+def test_out_of_memory_gives_an_oom_row(monkeypatch, tmp_path):
+    def out_of_memory(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "time_training", out_of_memory)
+    out = tmp_path / "b.md"
+    rows = bench.main(TINY + ["--models", "DiT-T/2", "DiT-T/1", "--out", out])
+    assert [r["steps/s"] for r in rows] == ["OOM", "OOM"]
+    assert "| OOM |" in out.read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "DiT-Q/2"], "'DiT-Q/2'"),
+    (["--dtype", "fp16"], "'fp16'"),
+    (["--models", "DiT-B/2", "--grid", "7"], "patch_size 2 does not divide grid_size 7"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--device", "meta"], "--device meta"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in err
