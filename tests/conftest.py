@@ -16,3 +16,39 @@ def _seed():
     """Every test starts from the same random state, so its answer does not depend on test order."""
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+# ---- a small real pipeline on a slice of Fashion-MNIST, built once per test session ------------------------
+
+@pytest.fixture(scope="session")
+def tokenizer_run(tmp_path_factory):
+    """A VQ tokenizer trained for a few steps on 512 Fashion-MNIST images: RUN/tokenizer.pt."""
+    import vq
+    out = tmp_path_factory.mktemp("vq")
+    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out),
+             "--limit", "512", "--steps", "20", "--batch-size", "64"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def codes_dir(tokenizer_run, tmp_path_factory):
+    """The code set of those 512 images."""
+    import vq
+    out = tmp_path_factory.mktemp("codes") / "codes"
+    vq.main(["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--dataset", "fashion-mnist",
+             "--data-dir", FASHION_MNIST, "--split", "train", "--limit", "512", "--out", str(out)])
+    return out
+
+
+def run_cli(script, *args, env=None):
+    """Run one of the repo's scripts in a subprocess: (return code, stdout, stderr)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if script.startswith("torchrun "):  # torchrun of this Python, whatever is first on PATH
+        cmd = [sys.executable, "-m", "torch.distributed.run", *script.split()[1:]]
+    else:
+        cmd = [sys.executable, os.path.join(root, script)]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr

@@ -1,0 +1,126 @@
+"""train.py on a slice of real Fashion-MNIST codes: every objective, resume, DDP on 2 CPU processes, bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import run_cli
+
+SMALL = ["--model", "DiT-T/1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "0"]
+
+
+def weights(run):
+    return torch.load(os.path.join(run, "checkpoints", "last.pt"), map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("objective", ["purrception", "cfm", "cfm-endpoint", "dfm"])
+def test_each_objective_trains_logs_and_checkpoints(codes_dir, tmp_path, objective):
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "4",
+                *SMALL, "--sample-every", "4" if objective == "purrception" else "0"])
+    ckpt = weights(run)
+    assert ckpt["step"] == 4 and ckpt["args"]["objective"] == objective
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(len(r["loss_by_t"]) == 10 and np.isfinite(r["loss"]) for r in records)
+    if objective == "purrception":
+        assert (run / "samples" / "step-0000004.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_equals_uninterrupted(codes_dir, tmp_path):
+    common = ["--codes", str(codes_dir), *SMALL, "--lr", "1e-3", "--ema-decay", "0.9", "--grad-accum", "2"]
+    train.main(common + ["--out", str(tmp_path / "full"), "--steps", "6"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--steps", "3", "--ckpt-every", "3"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
+    assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "split"))
+
+
+def test_ddp_two_gloo_processes_resume_exactly(codes_dir, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU: ranks stay in sync (checked at every checkpoint), and 4 steps equal
+    2 steps + resume + 2 steps."""
+    common = ["--codes", codes_dir, *SMALL, "--lr", "1e-3"]
+    torchrun = "torchrun --standalone --nproc_per_node=2 train.py"
+    rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "full", "--steps", "4")
+    assert rc == 0, err[-2000:]
+    assert "2 process(es) on cpu" in out + err
+    for steps in ("2", "4"):
+        rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "split", "--steps", steps, "--resume")
+        assert rc == 0, err[-2000:]
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert len(full["rng"]) == 2 and len(full["data"]) == 2  # every rank's RNG state and data position
+    assert_same_state(full, split)
+
+
+def test_compiled_bf16_run_with_every_optimisation_flag(codes_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL, "--compile",
+                "--precision", "bf16", "--warmup-steps", "10", "--weight-decay", "0.01", "--grad-clip", "0.5",
+                "--p-uncond", "0.2", "--z-loss", "1e-4", "--seed", "3"])
+    ckpt = weights(run)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # the raw module is saved
+    assert ckpt["args"]["precision"] == "bf16" and ckpt["args"]["seed"] == 3
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert record["lr"] == pytest.approx(1e-4 * 2 / 10)  # linear warm-up
+
+
+def test_batch_not_divisible_by_world_size(codes_dir, tmp_path):
+    rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 train.py", "--codes", codes_dir, *SMALL,
+                         "--batch-size", "7", "--out", tmp_path / "run", "--steps", "1")
+    assert rc != 0 and "--batch-size 7 is not divisible by world size 2" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_existing_run_is_not_overwritten_without_resume(codes_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL])
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", *SMALL)
+    assert rc == 2 and "pass --resume" in err and "Traceback" not in err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL])
+    other = tmp_path / "other-codes"
+    shutil.copytree(codes_dir, other)
+    np.save(other / "codebook.npy", np.load(other / "codebook.npy")[::-1].copy())
+    rc, _, err = run_cli("train.py", "--codes", other, "--out", run, "--steps", "4", "--resume", *SMALL)
+    assert rc == 2 and "does not match the codes' codebook" in err and "Traceback" not in err
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
+                         "--objective", "cfm")
+    assert rc == 2 and "trained with --objective purrception" in err
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
+    assert rc == 2 and "last.pt: not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "DiT-Q/3"], "invalid choice: 'DiT-Q/3'"),
+    (["--objective", "gan"], "invalid choice: 'gan'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_flags(codes_dir, tmp_path, args, message):
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path, *args)
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_codes_dir(tmp_path):
+    rc, _, err = run_cli("train.py", "--codes", tmp_path / "nope", "--out", tmp_path / "run")
+    assert rc == 2 and "nope/meta.json: missing" in err and len(err.strip().splitlines()) == 1
