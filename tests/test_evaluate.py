@@ -1,0 +1,274 @@
+"""evaluate.py: the Frechet distance and coverage on exact answers, then the metrics of real Fashion-MNIST images
+scored by a classifier trained on a slice of the training split."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import data
+import evaluate
+from conftest import FASHION_MNIST, run_cli
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frechet distance and coverage on exact answers
+# ----------------------------------------------------------------------------------------------------------
+
+def _random_covariance(rng, d):
+    a = rng.normal(size=(d, 2 * d))
+    return a @ a.T / (2 * d)
+
+
+def test_frechet_distance_of_identical_gaussians_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=64), _random_covariance(rng, 64)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_distance_of_shifted_identities_is_the_squared_shift():
+    m = np.arange(1.0, 6.0)
+    assert evaluate.frechet_distance(np.zeros(5), np.eye(5), m, np.eye(5)) == pytest.approx(m @ m, abs=1e-9)
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_a_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0, 3, 8), rng.uniform(0, 3, 8)
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(exact, rel=1e-10)
+
+
+def test_frechet_distance_agrees_with_sqrtm_of_the_product():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    s1, s2 = _random_covariance(rng, 16), _random_covariance(rng, 16)
+    usual = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(usual, rel=1e-8)
+
+
+def test_coverage_counts_the_real_balls_that_hold_a_sample():
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])  # k = 1: radii 1, 1, 1, 1, 7
+    assert evaluate.coverage(real, [[2.5]], k=1) == pytest.approx(2 / 5)  # the balls of 2 and 3
+    assert evaluate.coverage(real, [[10.0]], k=1) == pytest.approx(1 / 5)  # the ball of 10 only
+    assert evaluate.coverage(real, [[4.0]], k=1) == pytest.approx(2 / 5)  # on 3's boundary, inside 10's ball
+    assert evaluate.coverage(real, [[-1.0]], k=1) == pytest.approx(1 / 5)  # on 0's boundary
+    assert evaluate.coverage(real, real, k=1) == 1.0
+    assert evaluate.coverage(real, np.zeros((0, 1)), k=1) == 0.0
+    with pytest.raises(ValueError, match="more than 5 real points"):
+        evaluate.coverage(real, real)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classifier and its cache
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A classifier trained for 2 epochs on 6,000 training images: (path, info)."""
+    path = str(tmp_path_factory.mktemp("classifier") / "classifier.pt")
+    evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path, limit=6000, epochs=2)
+    _, info = evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path)
+    return path, info
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return data.load_mnist("fashion-mnist", FASHION_MNIST, "test")
+
+
+def test_classifier_is_cached_and_well_above_chance(classifier, tmp_path):
+    path, info = classifier
+    assert info["dataset"] == "fashion-mnist" and info["train_images"] == 6000 and info["epochs"] == 2
+    assert info["test_accuracy"] > 0.75  # chance is 0.10
+    assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
+    mtime = os.stat(path).st_mtime_ns
+    _, again = evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path)
+    assert again == info and os.stat(path).st_mtime_ns == mtime  # read back, not trained again
+
+
+def test_classifier_training_repeats_exactly():
+    first, info1 = evaluate.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
+    state = torch.get_rng_state()
+    second, info2 = evaluate.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random state is left alone
+    assert info1["test_accuracy"] == info2["test_accuracy"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_bad_classifier_files_are_errors_not_retrained(classifier, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(data.UserError, match="broken.pt: not a readable classifier file.*delete it"):
+        evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(broken))
+    with pytest.raises(data.UserError, match="a classifier of fashion-mnist, not of mnist"):
+        evaluate.load_classifier("mnist", FASHION_MNIST, classifier[0])
+
+
+def test_default_classifier_path_honours_xdg_cache_home(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert evaluate.default_classifier_path("mnist") == "/somewhere/purrception/classifier-mnist.pt"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    expected = os.path.expanduser("~/.cache/purrception/classifier-fashion-mnist.pt")
+    assert evaluate.default_classifier_path("fashion-mnist") == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics of real and degenerate image sets
+# ----------------------------------------------------------------------------------------------------------
+
+def test_the_test_split_against_itself(classifier, test_split):
+    path, info = classifier
+    images, labels = test_split
+    m = evaluate.evaluate_images(images[..., None], labels, "fashion-mnist", FASHION_MNIST, path)
+    assert abs(m["fid"]) < 1e-6
+    assert m["coverage"] == 1.0 and m["coverage_per_class"] == [1.0] * 10
+    assert m["accuracy"] == info["test_accuracy"]
+    assert sum(m["class_histogram"]) == 10000 and m["num_samples"] == 10000
+    assert m["class_names"] == data.CLASS_NAMES["fashion-mnist"]
+    json.dumps(m)  # JSON-ready
+
+
+def test_constant_images_cover_nothing(classifier, test_split):
+    images = np.zeros((200, 28, 28, 1), dtype=np.uint8)
+    labels = np.arange(10).repeat(20)
+    m = evaluate.evaluate_images(images, labels, "fashion-mnist", FASHION_MNIST, classifier[0])
+    assert m["coverage"] < 0.01 and m["fid"] > 10
+    assert max(m["class_histogram"]) == 200  # every image gets the same prediction
+
+
+def test_real_training_images_without_labels(classifier, test_split):
+    images, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    m = evaluate.evaluate_images(images[-2000:, :, :, None], None, "fashion-mnist", FASHION_MNIST, classifier[0])
+    constant = evaluate.evaluate_images(np.zeros((2000, 28, 28, 1), np.uint8), None, "fashion-mnist",
+                                        FASHION_MNIST, classifier[0])
+    assert m["accuracy"] is None and m["accuracy_per_class"] == [None] * 10
+    assert m["samples_grouped_by"] == "predicted class"
+    assert m["fid"] < constant["fid"] / 20
+    assert m["coverage"] > 0.5 > constant["coverage"]
+
+
+@pytest.mark.parametrize("images,labels,message", [
+    (np.zeros((4, 32, 32, 3), np.uint8), None, r"expected MNIST-sized uint8 images .* got uint8 \(4, 32, 32, 3\)"),
+    (np.zeros((4, 28, 28, 1), np.float32), None, "got float32"),
+    (np.zeros((1, 28, 28, 1), np.uint8), None, "FID needs at least 2"),
+    (np.zeros((4, 28, 28, 1), np.uint8), np.zeros(3, np.int64), "expected 4 integer labels"),
+    (np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 2, 10]), r"labels must lie in \[0, 10\)"),
+])
+def test_bad_images_are_user_errors(images, labels, message):
+    with pytest.raises(data.UserError, match=message):
+        evaluate.evaluate_images(images, labels, "fashion-mnist", FASHION_MNIST)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer ceiling, with stand-in tokenizers
+# ----------------------------------------------------------------------------------------------------------
+
+class IdentityTokenizer:
+    """Codes are the images themselves: its reconstructions are exact."""
+
+    def encode(self, x):
+        assert x.shape[1:] == (1, 28, 28) and x.min() >= -1 and x.max() <= 1
+        return x
+
+    def decode(self, codes):
+        return codes
+
+
+class BlockTokenizer:
+    """A 7 x 7 grid of 4 grey levels: each 4 x 4 block becomes its quantized mean."""
+
+    def encode(self, x):
+        means = torch.nn.functional.avg_pool2d(x, 4)[:, 0]  # (B, 7, 7)
+        return ((means + 1) / 2 * 3).round().long()
+
+    def decode(self, codes):
+        grey = codes.float() / 3 * 2 - 1  # (B, 7, 7)
+        return grey[:, None].repeat_interleave(4, 2).repeat_interleave(4, 3)  # (B, 1, 28, 28)
+
+
+def test_reference_of_an_exact_tokenizer_is_the_test_split(classifier):
+    path, info = classifier
+    m = evaluate.reference_metrics(IdentityTokenizer(), "fashion-mnist", FASHION_MNIST, path)
+    assert abs(m["fid"]) < 1e-6 and m["coverage"] == 1.0 and m["accuracy"] == info["test_accuracy"]
+    assert m["reference"] == "VQ reconstructions of the test split" and m["num_samples"] == 10000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def _write_samples(path, images, labels=None, key="arr_0"):
+    extra = {} if labels is None else dict(labels=labels)
+    np.savez(path, **{key: images}, settings=json.dumps({"steps": 1}), **extra)
+    return str(path)
+
+
+def test_cli_scores_samples_and_a_tokenizer(classifier, test_split, tmp_path, monkeypatch, capsys):
+    images, labels = test_split
+    npz = _write_samples(tmp_path / "samples.npz", images[:500, :, :, None], labels[:500])
+    fake_vq = types.ModuleType("vq")
+    fake_vq.load_tokenizer = lambda path: BlockTokenizer()
+    monkeypatch.setitem(sys.modules, "vq", fake_vq)
+    (tmp_path / "tokenizer.pt").write_bytes(b"")
+    evaluate.main(["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
+                   "--classifier", classifier[0], "--reference-tokenizer", str(tmp_path / "tokenizer.pt")])
+    out = capsys.readouterr().out
+    assert "FID-LeNet" in out and "coverage (mean)" in out and "Sneaker" in out and "tokenizer" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_samples"] == 500 and metrics["samples"] == npz
+    blocky = metrics["reference"]
+    assert blocky["num_samples"] == 10000 and blocky["tokenizer"] == str(tmp_path / "tokenizer.pt")
+    assert blocky["fid"] > 1 and blocky["coverage"] < 0.9 and blocky["accuracy"] < classifier[1]["test_accuracy"]
+
+    evaluate.main(["--reference-tokenizer", str(tmp_path / "tokenizer.pt"), "--dataset", "fashion-mnist",
+                   "--data-dir", FASHION_MNIST, "--classifier", classifier[0]])
+    assert json.loads((tmp_path / "reference-metrics.json").read_text())["fid"] == metrics["reference"]["fid"]
+
+
+def test_cli_scores_unconditional_samples_into_out(classifier, test_split, tmp_path, capsys):
+    npz = _write_samples(tmp_path / "samples.npz", test_split[0][:300, :, :, None])
+    evaluate.main(["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
+                   "--classifier", classifier[0], "--out", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["accuracy"] is None and "predicted class" in capsys.readouterr().out
+
+
+def test_cli_on_a_missing_file_prints_one_line_and_exits_2(tmp_path):
+    code, out, err = run_cli("evaluate.py", "--samples", tmp_path / "nope.npz", "--dataset", "fashion-mnist",
+                             "--data-dir", FASHION_MNIST)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'nope.npz'}: no such file (expected the samples.npz "
+                                        f"of sample.py)"]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no arr_0", "no array 'arr_0' (found: images, settings)"),
+    ("wrong shape", "expected MNIST-sized uint8 images (N, 28, 28, 1), got uint8 (4, 32, 32, 3)"),
+    ("not an npz", "not a readable .npz file"),
+    ("wrong data dir", "no such directory"),
+    ("broken classifier", "not a readable classifier file"),
+])
+def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
+    npz = tmp_path / "samples.npz"
+    args = ["--samples", str(npz), "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST]
+    _write_samples(npz, np.zeros((4, 28, 28, 1), np.uint8))
+    if case == "no arr_0":
+        _write_samples(npz, np.zeros((4, 28, 28, 1), np.uint8), key="images")
+    elif case == "wrong shape":
+        _write_samples(npz, np.zeros((4, 32, 32, 3), np.uint8))
+    elif case == "not an npz":
+        npz.write_text("hello")
+    elif case == "wrong data dir":
+        args[-1] = str(tmp_path / "nowhere")
+    elif case == "broken classifier":
+        (tmp_path / "c.pt").write_bytes(b"\x00" * 10)
+        args += ["--classifier", str(tmp_path / "c.pt")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
