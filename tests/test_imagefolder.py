@@ -1,0 +1,103 @@
+"""The ImageNet path on a tiny ImageFolder tree and random LlamaGen weights: encode (with flips, sharded over 2
+torchrun ranks, resumable), train on the 2-view codes, sample through the pretrained tokenizer, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+import vq
+from conftest import run_cli
+from llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """ImageFolder root with 2 classes of 5 random images of odd sizes, and random VQ-16 weights."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("n01440764", "n01443537")):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            size = (rng.integers(40, 90), rng.integers(40, 90))
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "train" / name / f"{i}.png")
+    (root / "train" / "n01443537" / "notes.txt").write_text("not an image")
+    torch.manual_seed(0)
+    torch.save({"model": LlamaGenVQ(**LLAMAGEN_CONFIGS["llamagen-vq16"]).state_dict()}, root / "vq_ds16_c2i.pt")
+    return root
+
+
+def encode_args(tree, out, *extra):
+    return ["encode", "--tokenizer", "llamagen-vq16", "--tokenizer-ckpt", str(tree / "vq_ds16_c2i.pt"),
+            "--dataset", "imagefolder", "--data-dir", str(tree / "train"), "--image-size", "32",
+            "--shard-size", "3", "--workers", "0", "--batch-size", "2", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def codes(tree):
+    out = tree / "codes"
+    rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 vq.py", *encode_args(tree, out))
+    assert rc == 0, err[-2000:]
+    return out
+
+
+def test_codes_hold_both_flips_of_the_center_crop(tree, codes):
+    cs = data.CodeSet(str(codes))
+    assert len(cs) == 10 and cs.views == 2 and cs.grid == (2, 2) and cs.num_classes == 2
+    assert cs.meta["shard_sizes"] == [3, 3, 3, 1] and cs.meta["class_names"] == ["n01440764", "n01443537"]
+    tokenizer = vq.load_tokenizer("llamagen-vq16", str(tree / "vq_ds16_c2i.pt"))
+    paths, labels, _ = data.list_imagefolder(str(tree / "train"))
+    images = torch.stack([torch.from_numpy(data.ImageFolderImages(paths, labels, 32)[i][0]) for i in range(10)])
+    plain, flipped = cs.get(np.arange(10), np.zeros(10, int)), cs.get(np.arange(10), np.ones(10, int))
+    assert np.array_equal(plain[0], tokenizer.encode(images).numpy())
+    assert np.array_equal(flipped[0], tokenizer.encode(images.flip(3)).numpy())
+    assert np.array_equal(plain[1], labels)
+    assert torch.allclose(torch.from_numpy(cs.codebook), tokenizer.codebook)
+
+
+def test_encode_resumes_shard_by_shard(tree, codes, tmp_path):
+    out = tmp_path / "codes"
+    vq.main(encode_args(tree, out))
+    os.remove(out / "meta.json")
+    os.remove(out / "codes-00002.npy")
+    kept = os.stat(out / "codes-00001.npy").st_mtime_ns
+    vq.main(encode_args(tree, out))
+    assert os.stat(out / "codes-00001.npy").st_mtime_ns == kept and (out / "codes-00002.npy").exists()
+    assert np.array_equal(data.CodeSet(str(out)).get(np.arange(10))[0], data.CodeSet(str(codes)).get(np.arange(10))[0])
+    rc, _, err = run_cli("vq.py", *encode_args(tree, out))
+    assert rc == 2 and "already exists; pass --force" in err
+    vq.main(encode_args(tree, out, "--force"))
+
+
+def test_train_and_sample_through_the_pretrained_tokenizer(tree, codes, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes), "--model", "DiT-T/1", "--batch-size", "4", "--steps", "2",
+                "--sample-every", "2", "--out", str(run)])
+    assert (run / "samples" / "step-0000002.png").exists()
+    sample.main(["--ckpt", str(run / "checkpoints" / "last.pt"), "--num-samples", "3", "--steps", "2",
+                 "--tokenizer", "llamagen-vq16", "--tokenizer-ckpt", str(tree / "vq_ds16_c2i.pt"),
+                 "--out", str(tmp_path / "s")])
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+        assert json.loads(str(f["settings"]))["num_samples"] == 3
+
+
+def test_bad_input(tree, tmp_path):
+    rc, _, err = run_cli("vq.py", *encode_args(tree, tmp_path / "c")[:-2], "--data-dir", tmp_path, "--out",
+                         tmp_path / "c")
+    assert rc == 2 and "not an ImageFolder tree" in err and "Traceback" not in err
+    args = encode_args(tree, tmp_path / "c")
+    args[args.index("--tokenizer-ckpt") + 1] = str(tmp_path / "missing.pt")
+    rc, _, err = run_cli("vq.py", *args)
+    assert rc == 2 and "missing.pt" in err and len(err.strip().splitlines()) == 1
+    args = encode_args(tree, tmp_path / "c")
+    args[args.index("--image-size") + 1] = "40"
+    rc, _, err = run_cli("vq.py", *args)
+    assert rc == 2 and "not a multiple of the tokenizer's downsampling factor 16" in err
+    assert not (tmp_path / "c" / "meta.json").exists()

@@ -1,0 +1,220 @@
+"""The VQ tokenizer: the quantizer against exact answers, the autoencoder's interface, and both commands of
+vq.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir` fixtures of conftest.py)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import vq
+from conftest import FASHION_MNIST, run_cli
+from data import UserError
+
+
+# ---- the quantizer ----------------------------------------------------------------------------------------
+
+def test_lookup_picks_the_nearest_code():
+    quantizer = vq.VectorQuantizer(num_codes=64, dim=8).eval()
+    z = torch.randn(4, 8, 5, 5) * 3  # (B, d, h, w), any norm
+    _, indices, _ = quantizer(z)
+    flat = F.normalize(z.double().permute(0, 2, 3, 1).reshape(-1, 8), dim=1)  # (N, d)
+    dist2 = (flat[:, None, :] - quantizer.codebook.double()[None]).pow(2).sum(-1)  # (N, K) brute force
+    chosen = dist2.gather(1, indices.reshape(-1, 1)).squeeze(1)
+    assert torch.all(chosen <= dist2.min(dim=1).values + 1e-9)
+    top2 = dist2.topk(2, dim=1, largest=False).values
+    clear = top2[:, 1] - top2[:, 0] > 1e-6  # no near-tie that float32 rounding could flip
+    assert clear.float().mean() > 0.95
+    assert torch.equal(indices.reshape(-1)[clear], dist2.argmin(dim=1)[clear])
+
+
+def test_straight_through_gradient_passes_unchanged():
+    quantizer = vq.VectorQuantizer(num_codes=16, dim=4).eval()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    upstream = torch.randn(2, 4, 3, 3)
+    z_q, indices, _ = quantizer(z)
+    assert torch.equal(z_q.detach(), quantizer.codebook[indices].permute(0, 3, 1, 2))  # forward: the codes
+    (z_q * upstream).sum().backward()
+    z_ref = z.detach().clone().requires_grad_(True)
+    (F.normalize(z_ref, dim=1) * upstream).sum().backward()  # backward: as if quantizing were the identity
+    assert torch.allclose(z.grad, z_ref.grad, atol=1e-6)
+
+
+def test_commitment_loss_on_a_known_input():
+    quantizer = vq.VectorQuantizer(num_codes=2, dim=2, beta=0.25).eval()
+    quantizer.embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    angle = math.pi / 6
+    z = 3 * torch.tensor([math.cos(angle), math.sin(angle)]).view(1, 2, 1, 1)  # normalised to unit length
+    _, indices, loss = quantizer(z)
+    assert indices.item() == 0
+    # |z - e_0|^2 = 2 - 2 cos(30 deg), averaged over d = 2 entries, times beta
+    assert loss.item() == pytest.approx(0.25 * (2 - 2 * math.cos(angle)) / 2, rel=1e-6)
+
+
+def clusters(centres, n, spread=0.01):
+    """(n * len(centres), d, 1, 1) points scattered tightly around each centre."""
+    points = centres.repeat_interleave(n, dim=0) + spread * torch.randn(n * len(centres), centres.shape[1])
+    return points[:, :, None, None]
+
+
+def test_initialisation_finds_every_cluster():
+    centres = F.normalize(torch.randn(8, 6), dim=1)
+    quantizer = vq.VectorQuantizer(num_codes=8, dim=6).train()
+    _, indices, _ = quantizer(clusters(centres, 50))
+    assert quantizer.initialized
+    assert vq.codebook_usage(vq.code_counts(indices, 8)) == 1.0
+    similarity = centres @ quantizer.codebook.T  # (8, 8)
+    assert torch.all(similarity.max(dim=1).values > 0.99)
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs():
+    quantizer = vq.VectorQuantizer(num_codes=8, dim=4, dead_after=3).train()
+    codes = torch.cat([torch.eye(4), -torch.eye(4)])  # the data lie near +e_i: codes 4..7 are never used
+    quantizer.embedding.copy_(codes)
+    quantizer.ema_sum.copy_(codes)
+    quantizer.initialized.fill_(True)
+    for step in range(3):
+        batch = clusters(torch.eye(4), 10, spread=0.1)
+        quantizer(batch)
+        if step < 2:
+            assert quantizer.restarts == 0 and torch.equal(quantizer.codebook[4:], codes[4:])
+    assert quantizer.restarts == 4
+    flat = F.normalize(batch.reshape(-1, 4), dim=1)  # the last batch's encoder outputs
+    distance_to_batch = torch.cdist(quantizer.codebook[4:], flat).min(dim=1).values
+    assert torch.all(distance_to_batch < 1e-6)  # each restarted code is one of them
+    assert torch.all((quantizer.codebook[:4] * torch.eye(4)).sum(1) > 0.9)  # the used codes were kept
+    assert torch.all(quantizer.unused_for[4:] == 0)
+
+
+def test_usage_and_perplexity():
+    K = 32
+    uniform = vq.code_counts(torch.arange(K).repeat(3), K)
+    assert vq.perplexity(uniform) == pytest.approx(K, rel=1e-12)
+    assert vq.codebook_usage(uniform) == 1.0
+    single = vq.code_counts(torch.full((5, 7, 7), 3), K)
+    assert vq.perplexity(single) == pytest.approx(1.0, rel=1e-12)
+    assert vq.codebook_usage(single) == 1 / K
+
+
+# ---- the autoencoder --------------------------------------------------------------------------------------
+
+def test_autoencoder_interface():
+    model = vq.MnistVQ().eval()
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    codes = model.encode(images)
+    assert codes.dtype == torch.long and codes.shape == (3, 7, 7)
+    assert codes.min() >= 0 and codes.max() < 256
+    decoded = model.decode(codes)
+    assert decoded.dtype == torch.float32 and decoded.shape == (3, 1, 28, 28)
+    assert decoded.min() >= -1 and decoded.max() <= 1
+    assert model.codebook.shape == (256, 8) and model.codebook.dtype == torch.float32
+    assert torch.allclose(model.codebook.norm(dim=1), torch.ones(256))
+    assert model.grid_size == 7 and model.image_shape == (1, 28, 28)
+    reconstruction, indices, loss = model.train()(images)
+    assert reconstruction.shape == (3, 1, 28, 28) and indices.shape == (3, 7, 7) and loss.dim() == 0
+
+
+# ---- vq.py train and encode -------------------------------------------------------------------------------
+
+def test_train_writes_a_run(tokenizer_run):
+    assert sorted(p.name for p in tokenizer_run.iterdir()) == ["metrics.json", "recon.png", "tokenizer.pt"]
+    metrics = json.loads((tokenizer_run / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["train_images"] == 512 and metrics["test_images"] == 512
+    assert 0 < metrics["test_mse"] < 1
+    assert metrics["test_psnr"] == pytest.approx(10 * math.log10(4 / metrics["test_mse"]))  # peak-to-peak 2
+    assert 0 < metrics["test_usage"] <= 1 and 1 <= metrics["test_perplexity"] <= 256
+    with Image.open(tokenizer_run / "recon.png") as preview:  # 10 classes, originals above reconstructions
+        assert preview.size == (4 * (10 * 28 + 9 * 4), 4 * (2 * 28 + 4))
+    tokenizer = vq.load_tokenizer(str(tokenizer_run / "tokenizer.pt"))
+    assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
+    ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
+    assert ckpt["kind"] == vq.MNIST_KIND and ckpt["metrics"] == metrics
+
+
+def test_train_flags(tmp_path):
+    def run(out, seed):
+        vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out),
+                 "--steps", "3", "--batch-size", "32", "--limit", "64", "--lr", "1e-3", "--codebook-size", "64",
+                 "--seed", str(seed), "--download"])  # the files are there: --download fetches nothing
+        return vq.load_tokenizer(str(out / "tokenizer.pt"))
+
+    first, again = run(tmp_path / "a", 3), run(tmp_path / "b", 3)
+    assert first.codebook.shape == (64, 8)
+    assert torch.equal(first.codebook, again.codebook)  # the seed fixes the weights, the codes and the batches
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["steps"] == 3
+
+
+def test_encode_writes_the_tokenizers_codes(tokenizer_run, codes_dir):
+    codes = data.CodeSet(str(codes_dir))
+    tokenizer = vq.load_tokenizer(str(tokenizer_run / "tokenizer.pt"))
+    images, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    expected = torch.cat([tokenizer.encode(vq.to_float(images[:512][lo:lo + 500])) for lo in range(0, 512, 500)])
+    stored, stored_labels = codes.get(np.arange(512))
+    assert len(codes) == 512 and codes.views == 1 and codes.grid == (7, 7) and codes.num_classes == 10
+    assert np.array_equal(stored, expected.numpy()) and np.array_equal(stored_labels, labels[:512])
+    assert np.array_equal(codes.codebook, tokenizer.codebook.numpy())
+    assert codes.meta["tokenizer"] == {"kind": vq.MNIST_KIND, "path": str(tokenizer_run / "tokenizer.pt")}
+    assert codes.meta["class_names"] == data.CLASS_NAMES["fashion-mnist"] and codes.meta["image_shape"] == [1, 28, 28]
+
+
+def test_encode_refuses_an_existing_code_set_without_force(tokenizer_run, tmp_path, capsys):
+    args = ["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--dataset", "fashion-mnist",
+            "--data-dir", FASHION_MNIST, "--split", "test", "--limit", "100", "--batch-size", "32",
+            "--out", str(tmp_path / "codes")]
+    vq.main(args)
+    assert len(data.CodeSet(str(tmp_path / "codes"))) == 100
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(args)
+    assert exit_info.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
+    meta = vq.main(args + ["--force", "--limit", "50"])
+    assert meta["split"] == "test" and len(data.CodeSet(str(tmp_path / "codes"))) == 50
+
+
+# ---- loading and user errors ------------------------------------------------------------------------------
+
+def test_load_tokenizer_rejects_bad_files(tmp_path, tokenizer_run):
+    corrupt, wrong_kind = tmp_path / "corrupt.pt", tmp_path / "wrong.pt"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"kind": "dit", "model": {}, "config": {}}, wrong_kind)
+    cases = [(tmp_path / "missing.pt", "no such file"), (corrupt, "not a readable checkpoint"),
+             (wrong_kind, "kind 'dit'")]
+    for path, reason in cases:
+        with pytest.raises(UserError) as error:
+            vq.load_tokenizer(str(path))
+        message = str(error.value)
+        assert str(path) in message and reason in message and "vq.py train" in message and "\n" not in message
+    path = str(tokenizer_run / "tokenizer.pt")
+    assert vq.load_tokenizer(vq.MNIST_KIND, ckpt=path).codebook.shape == (256, 8)  # by registry name
+    with pytest.raises(UserError, match="needs the path of its weights"):
+        vq.load_tokenizer(vq.MNIST_KIND)
+    with pytest.raises(UserError, match="holds its own weights"):
+        vq.load_tokenizer(path, ckpt=path)
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "nowhere" in err and "Traceback" not in err
+    rc, _, err = run_cli("vq.py", "encode", "--tokenizer", tmp_path / "none.pt", "--dataset", "mnist",
+                         "--data-dir", FASHION_MNIST, "--out", tmp_path / "codes")
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "none.pt" in err
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(["train", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "run"),
+                 "--steps", "0"])
+    assert exit_info.value.code == 2 and "--steps 0" in capsys.readouterr().err
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path):
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        vq.save_atomically(str(tmp_path / "tokenizer.pt"), interrupted)
+    assert list(tmp_path.iterdir()) == []
