@@ -85,3 +85,17 @@ def test_code_set_errors(tmp_path):
         data.CodeSet(str(tmp_path))
     with pytest.raises(ValueError, match="uint16"):
         data.write_shard(str(tmp_path), 1, np.full((1, 1, 2, 2), 70000), np.zeros(1))
+
+
+def test_download_fetches_the_four_files(tmp_path, monkeypatch):
+    """--download through the real code path, from a file:// mirror of the Debian copy (no network here)."""
+    import vq
+    monkeypatch.setitem(data.DOWNLOAD_URLS, "fashion-mnist", f"file://{FASHION_MNIST}/")
+    target = tmp_path / "fmnist"
+    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(target), "--download", "--out",
+             str(tmp_path / "run"), "--limit", "64", "--steps", "2", "--batch-size", "32"])
+    assert sorted(os.listdir(target)) == sorted(s + ".gz" for pair in data.MNIST_FILES.values() for s in pair)
+    assert (tmp_path / "run" / "tokenizer.pt").exists()
+    monkeypatch.setitem(data.DOWNLOAD_URLS, "fashion-mnist", f"file://{tmp_path}/nowhere/")
+    with pytest.raises(data.UserError, match="cannot download"):
+        data.load_mnist("fashion-mnist", str(tmp_path / "other"), "train", download=True)

@@ -32,9 +32,10 @@ def assert_same_state(a, b):
 def test_each_objective_trains_logs_and_checkpoints(codes_dir, tmp_path, objective):
     run = tmp_path / "run"
     train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "4",
-                *SMALL, "--sample-every", "4" if objective == "purrception" else "0"])
+                *SMALL, "--sample-every", "4" if objective == "purrception" else "0", "--keep-every", "2"])
     ckpt = weights(run)
     assert ckpt["step"] == 4 and ckpt["args"]["objective"] == objective
+    assert sorted(os.listdir(run / "checkpoints")) == ["last.pt", "step-0000002.pt", "step-0000004.pt"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
@@ -115,6 +116,7 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     (["--model", "DiT-Q/3"], "invalid choice: 'DiT-Q/3'"),
     (["--objective", "gan"], "invalid choice: 'gan'"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--ckpt-every", "4", "--keep-every", "6"], "--keep-every must be a multiple of --ckpt-every"),
 ])
 def test_bad_flags(codes_dir, tmp_path, args, message):
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path, *args)
