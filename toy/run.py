@@ -57,7 +57,9 @@ class ToyMLP(nn.Module):
 # Train, sample, measure
 # ----------------------------------------------------------------------------------------------------------
 
-def train(toy, objective, iters, seed, batch_size=512, lr=2e-3, progress=None):
+def train(toy, objective, iters, seed, batch_size=512, lr=2e-3, progress=None, on_step=None):
+    """Train a ToyMLP for `iters` steps; on_step(step, model), if given, runs after each optimizer step
+    (step counts the steps done, 1 to iters), e.g. to score the model along the way."""
     torch.manual_seed(seed)
     model = ToyMLP(toy.num_tokens, **objective.model_io())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -71,6 +73,8 @@ def train(toy, objective, iters, seed, batch_size=512, lr=2e-3, progress=None):
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step + 1, model)
         if progress is not None and (step % 200 == 0 or step == iters - 1):
             progress(step, loss.item())
     return model.eval()
@@ -146,8 +150,9 @@ def draw_histogram(ax, toy, hist, title):
     ax.set_yticks([])
 
 
-def figures(toy, results, out, seed):
-    """samples.png (histograms and trajectories), posterior.png (entropy and KL over t), temperature.png."""
+def figures(toy, results, out, seed, n=5000):
+    """samples.png (histograms and trajectories), posterior.png (entropy and KL over t), temperature.png;
+    histograms from n samples each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,7 +169,7 @@ def figures(toy, results, out, seed):
             axes[1, col].set_title("data (token 1)", fontsize=9)
         else:
             metrics, model, objective = results[name]
-            codes = sample(toy, objective, model, 5000, seed)
+            codes = sample(toy, objective, model, n, seed)
             draw_histogram(axes[0, col], toy, toy.histogram(codes), f"{name}  TV {metrics['tv']:.3f}")
             path = []
             if name != "dfm":
@@ -192,7 +197,7 @@ def figures(toy, results, out, seed):
 
     if "purrception" in results:
         _, model, objective = results["purrception"]
-        rows = posterior_by_t(toy, objective.codebook, model, torch.linspace(0.02, 0.98, 25).tolist())
+        rows = posterior_by_t(toy, objective.codebook, model, torch.linspace(0.02, 0.98, 25).tolist(), n=min(n, 2000))
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
         ts = [r["t"] for r in rows]
         a.plot(ts, [r["entropy_exact"] for r in rows], label="exact posterior", c="k")
@@ -212,13 +217,13 @@ def figures(toy, results, out, seed):
         fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
         for name, style in (("oracle", "k-o"), ("purrception", "b-s")):
             _, model, objective = results[name]
-            tvs = [toy.tv(sample(toy, objective, model, 5000, seed, temperature=tau)) for tau in temps]
+            tvs = [toy.tv(sample(toy, objective, model, n, seed, temperature=tau)) for tau in temps]
             axes[0].plot(temps, tvs, style, label=name, ms=3)
         axes[0].set_xlabel("temperature tau")
-        axes[0].set_ylabel("TV to p(c) (5,000 samples)")
+        axes[0].set_ylabel(f"TV to p(c) ({n:,} samples)")
         axes[0].legend(fontsize=8)
         for ax, tau in zip(axes[1:], (0.5, 1.0, 2.0)):
-            codes = sample(toy, objective, model, 5000, seed, temperature=tau)
+            codes = sample(toy, objective, model, n, seed, temperature=tau)
             draw_histogram(ax, toy, toy.histogram(codes), f"Purrception, tau = {tau}")
         fig.tight_layout(rect=(0, 0, 1, 0.95))
         fig.savefig(os.path.join(out, "temperature.png"), dpi=110)
@@ -273,7 +278,7 @@ def main(argv=None):
         f.write(table + "\n")
     print(table)
     if not args.no_figures:
-        figures(toy, results, args.out, args.seed)
+        figures(toy, results, args.out, args.seed, min(5000, args.num_samples))
         print(f"figures: {args.out}/samples.png, posterior.png, temperature.png")
     print(f"total {time.time() - start:.1f} s")
     return results
