@@ -13,7 +13,7 @@ same backbone and budget; (2) the softmax temperature is a training-free quality
 (3) as a continuous flow it samples well with few steps and higher-order solvers.
 
 Every subcommand writes OUT/NAME.md (a markdown table, also printed), OUT/NAME.json (every number behind it,
-with the settings and wall times) and OUT/NAME*.png. `--budget full` runs the settings of RESULTS.md;
+with the settings and wall times) and OUT/NAME*.png. `--budget full` runs the settings below;
 `--budget tiny` runs the same code in seconds (for the tests; its numbers mean nothing). Image quality is
 scored by evaluate.py: classifier accuracy on the conditioning labels and FID-LeNet against the real images.
 Samples are drawn exactly as `python sample.py --seed S --batch-size 250` draws them (labels 0, 1, ..., 9,
@@ -38,7 +38,7 @@ from toy.toys import Oracle, make_toy
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 SAMPLE_BATCH = 250  # sample.py's default batch: sample i gets the same noise as `sample.py --seed S`
 
-# What each subcommand runs at each budget. "full" is what RESULTS.md reports.
+# What each subcommand runs at each budget.
 CONVERGENCE_TOY = {
     "tiny": dict(toys=("checkerboard", "pairs"), iters=(4, 8), seeds=1, num_samples=400, steps=4, kl_samples=200),
     "full": dict(toys=("checkerboard", "pairs"), iters=(100, 200, 400, 800, 1600, 3200), seeds=2,
@@ -699,7 +699,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--budget", choices=("tiny", "full"), default="full",
-                        help="full: the settings of RESULTS.md; tiny: seconds, for the tests")
+                        help="full: the study as described above; tiny: seconds, for the tests")
     common.add_argument("--out", default="runs/study", help="where the tables, JSON and figures go")
     common.add_argument("--seed", type=int, default=0, help="training and sampling seed (toys: the first seed)")
     sub = p.add_subparsers(dest="command", required=True)
