@@ -3,6 +3,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +16,9 @@ import train
 from conftest import run_cli
 
 SMALL = ["--model", "DiT-T/1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "0"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights(run):
@@ -52,20 +59,62 @@ def test_resume_equals_uninterrupted(codes_dir, tmp_path):
     assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "split"))
 
 
-def test_ddp_two_gloo_processes_resume_exactly(codes_dir, tmp_path):
-    """torchrun --nproc_per_node=2 on CPU: ranks stay in sync (checked at every checkpoint), and 4 steps equal
-    2 steps + resume + 2 steps."""
-    common = ["--codes", codes_dir, *SMALL, "--lr", "1e-3"]
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants, as a lost node would: torchrun starts its workers in sessions
+    of their own, so killing torchrun's process group alone leaves them running."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ddp_two_gloo_processes_killed_then_resumed(codes_dir, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU, killed (SIGKILL, every process) after its third checkpoint and with a
+    half-written checkpoint file beside the last one: resumed, it ends exactly where an uninterrupted run does."""
+    common = ["--codes", codes_dir, *SMALL, "--ckpt-every", "1", "--lr", "1e-3"]
     torchrun = "torchrun --standalone --nproc_per_node=2 train.py"
-    rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "full", "--steps", "4")
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun.split()[1:], *map(str, common),
+           "--out", str(killed), "--steps", "1000"]
+    log = open(tmp_path / "killed.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists() and weights(killed)["step"] >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+        log.close()
+    step = weights(killed)["step"]
+    assert 3 <= step < 1000
+    (killed / "checkpoints" / "last.pt.tmp").write_bytes(b"PK\x03\x04 cut short by the kill")
+
+    rc, out, err = run_cli(torchrun, *common, "--out", killed, "--steps", step + 2, "--resume")
     assert rc == 0, err[-2000:]
-    assert "2 process(es) on cpu" in out + err
-    for steps in ("2", "4"):
-        rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "split", "--steps", steps, "--resume")
-        assert rc == 0, err[-2000:]
-    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert f"resumed at step {step}" in out and "2 process(es) on cpu" in out
+    rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "full", "--steps", step + 2)
+    assert rc == 0, err[-2000:]
+    full, resumed = weights(tmp_path / "full"), weights(killed)
     assert len(full["rng"]) == 2 and len(full["data"]) == 2  # every rank's RNG state and data position
-    assert_same_state(full, split)
+    assert_same_state(full, resumed)
 
 
 def test_compiled_bf16_run_with_every_optimisation_flag(codes_dir, tmp_path):
