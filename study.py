@@ -211,12 +211,20 @@ def convergence(args):
     if args.data == "toy":
         if args.codes:
             raise UserError("--codes is for --data fashion-mnist or mnist; the toys need no code set")
+        args.schedule = args.schedule or "one-run"
         return convergence_toy(args)
+    if args.schedule:
+        raise UserError("--schedule is for --data toy; train.py keeps its learning rate constant after warm-up, "
+                        "so the checkpoints along one run are what a shorter budget gives")
     return convergence_images(args)
 
 
 def convergence_toy(args):
-    """Every objective on every toy, scored along one training run at each of the budget's iteration counts."""
+    """Every objective on every toy, scored at each of the budget's iteration counts.
+
+    --schedule one-run: along one run of the largest count (toy/run.py's warm-up and cosine decay over all of
+    it), so the early points are models at a high learning rate. --schedule per-budget: a separate run for
+    every count, each with its own warm-up and decay to zero: what a user with that budget would get."""
     torch.set_num_threads(1)  # the toy's small matrices: a second thread costs more than it gives
     b, start = CONVERGENCE_TOY[args.budget], clock()
     rows, reference = [], {}
@@ -230,9 +238,9 @@ def convergence_toy(args):
         for method in vfm.OBJECTIVES:
             for seed in range(args.seed, args.seed + b["seeds"]):
                 objective = vfm.build_objective(method, toy.codebook)
-                eval_seconds = []
+                mine, scoring = [], []
 
-                def on_step(step, model):
+                def score_model(step, model):
                     if step not in b["iters"]:
                         return
                     t0 = time.time()
@@ -243,17 +251,21 @@ def convergence_toy(args):
                                                     n=b["kl_samples"], seed=seed)
                         row["kl_by_t"] = {f"{r['t']:.1f}": round(r["kl"], 4) for r in kl}
                         row["kl"] = round(float(np.mean([r["kl"] for r in kl])), 4)
-                    rows.append(row)
-                    eval_seconds.append(time.time() - t0)
+                    mine.append(row)
+                    scoring.append(time.time() - t0)
 
                 t0 = time.time()
-                toy_run.train(toy, objective, max(b["iters"]), seed, on_step=on_step)
-                train_seconds = time.time() - t0 - sum(eval_seconds)
-                for row in rows[-len(b["iters"]):]:
+                if args.schedule == "one-run":
+                    toy_run.train(toy, objective, max(b["iters"]), seed, on_step=score_model)
+                else:
+                    for iters in b["iters"]:
+                        score_model(iters, toy_run.train(toy, objective, iters, seed))
+                train_seconds = time.time() - t0 - sum(scoring)
+                for row in mine:
                     row["train_seconds"] = round(train_seconds, 1)
-                print(f"  {toy_name:<12} {method:<13} seed {seed}: TV " +
-                      " ".join(f"{r['tv']:.3f}" for r in rows[-len(b["iters"]):]) +
-                      f"  (train {train_seconds:.0f} s, scoring {sum(eval_seconds):.0f} s)", flush=True)
+                rows += mine
+                print(f"  {toy_name:<12} {method:<13} seed {seed}: TV " + " ".join(f"{r['tv']:.3f}" for r in mine) +
+                      f"  (train {train_seconds:.0f} s, scoring {sum(scoring):.0f} s)", flush=True)
 
     def cells(toy_name, method, key):
         return [mean_spread([r.get(key) for r in rows if (r["toy"], r["method"], r["iters"]) ==
@@ -269,15 +281,18 @@ def convergence_toy(args):
     if "checkerboard" in b["toys"]:
         table_rows.append(["checkerboard", "KL", "purrception", *cells("checkerboard", "purrception", "kl")])
     table = markdown_table(["toy", "metric", "method", *map(str, b["iters"])], table_rows)
-    note = (f"\n\nTV of {b['num_samples']} samples ({b['steps']} Euler steps; DFM: discrete Euler steps) after N "
-            f"training iterations of one {max(b['iters'])}-iteration run (batch 512), mean ± half the range over "
-            f"{b['seeds']} seed(s). KL: Purrception's mean KL(exact || learned posterior) over t = 0.1 ... 0.9.")
-    figure_convergence_toy(args, b, rows, reference)
-    return write_outputs(args, "convergence-toy", table + note, dict(settings=b, reference=reference, rows=rows),
-                         start)
+    runs = (f"after N training iterations of one {max(b['iters'])}-iteration run" if args.schedule == "one-run" else
+            "of a separate N-iteration run for each N (warm-up and cosine decay completed)")
+    note = (f"\n\nTV of {b['num_samples']} samples ({b['steps']} Euler steps; DFM: discrete Euler steps) {runs} "
+            f"(batch 512), mean ± half the range over {b['seeds']} seed(s). KL: Purrception's mean "
+            f"KL(exact || learned posterior) over t = 0.1 ... 0.9.")
+    name = "convergence-toy" + ("" if args.schedule == "one-run" else "-per-budget")
+    figure_convergence_toy(args, name, b, rows, reference)
+    return write_outputs(args, name, table + note,
+                         dict(settings=b, schedule=args.schedule, reference=reference, rows=rows), start)
 
 
-def figure_convergence_toy(args, b, rows, reference):
+def figure_convergence_toy(args, name, b, rows, reference):
     plt = pyplot()
     panels = [(toy_name, "tv") for toy_name in b["toys"]]
     if "checkerboard" in b["toys"]:
@@ -304,9 +319,11 @@ def figure_convergence_toy(args, b, rows, reference):
         log_ticks(ax, b["iters"])
         ax.set_xlabel("training iterations (batch 512)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Convergence on the 2D toys: mean and range over {b['seeds']} seed(s)", fontsize=10)
+    how = ("scored along one run" if args.schedule == "one-run" else
+           "a separate run per budget, each with its schedule completed")
+    fig.suptitle(f"Convergence on the 2D toys, {how}: mean and range over {b['seeds']} seed(s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "convergence-toy.png"), dpi=110)
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=110)
     plt.close(fig)
 
 
@@ -683,14 +700,16 @@ def uncertainty(args):
 # ----------------------------------------------------------------------------------------------------------
 
 BUDGET_HELP = {
-    "convergence": "--budget full: toys about 15 minutes of 2 CPU cores (2 toys x 4 objectives x 2 seeds, 3,200 "
-                   "iterations each, scored at 6 points); fashion-mnist about an hour (4 x 3,000 DiT-T/1 steps of "
-                   "batch 64, 6 checkpoints each scored with 1,000 samples of 100 Euler steps).",
-    "temperature": "--budget full: 20 settings x 1,000 samples x 100 Euler steps, about 30 minutes of 2 CPU cores "
-                   "for DiT-T/1.",
-    "solvers": "--budget full: toy about 5 minutes of 2 CPU cores; images 20 rows x 1,000 samples at NFE 4 to 100, "
-               "about 10 minutes for DiT-T/1.",
-    "uncertainty": "--budget full: 6 samples x 100 Euler steps, seconds.",
+    "convergence": "CPU budget at --budget full, on 2 cores: --data toy about 15 minutes (2 toys x 4 objectives x 2 "
+                   "seeds, 3,200 iterations of batch 512, scored at 6 points with 20,000 samples of 100 steps; "
+                   "--schedule per-budget about 1.5x that); --data fashion-mnist about an hour (4 objectives x "
+                   "3,000 DiT-T/1 steps of batch 64 at about 8 steps/s, then 6 checkpoints each scored with 1,000 "
+                   "samples of 100 Euler steps, about 85 s apiece).",
+    "temperature": "CPU budget at --budget full, on 2 cores: about 45 minutes for DiT-T/1 (10 temperatures and "
+                   "schedules x 2 guidance scales x 1,000 samples of 100 Euler steps; guidance doubles the batch).",
+    "solvers": "CPU budget at --budget full, on 2 cores: --data toy about 5 minutes; --data fashion-mnist about 10 "
+               "minutes for DiT-T/1 (20 rows of 1,000 samples at NFE 4 to 100).",
+    "uncertainty": "CPU budget at --budget full: seconds (6 samples, 100 Euler steps).",
 }
 
 
@@ -713,6 +732,10 @@ def parse_args(argv=None):
         parsers[name].add_argument("--data", choices=("toy",) + IMAGE_DATASETS, default="toy",
                                    help="the 2D toys, or images through a VQ code set")
     parsers["convergence"].add_argument("--codes", help="a code set of `python vq.py encode` (image data)")
+    parsers["convergence"].add_argument("--schedule", choices=("one-run", "per-budget"),
+                                        help="toys: score one run along the way (one-run, the default), or train a "
+                                        "separate run per iteration count, each with its learning-rate schedule "
+                                        "completed (per-budget)")
     for name in ("temperature", "solvers", "uncertainty"):
         parsers[name].add_argument("--ckpt", help="a Purrception checkpoint of train.py (RUN/checkpoints/last.pt)")
     parsers["solvers"].add_argument("--dfm-ckpt", help="a DFM checkpoint: its discrete sampler at the same NFE")

@@ -55,9 +55,13 @@ def scoring(classifier):
 
 # ---- the toys --------------------------------------------------------------------------------------------
 
-def test_convergence_on_the_toys(tmp_path):
-    study.main(["convergence", "--data", "toy", "--budget", "tiny", "--seed", "1", "--out", str(tmp_path)])
-    (header, rows), record = outputs(tmp_path, "convergence-toy")
+@pytest.mark.parametrize("schedule", [None, "one-run", "per-budget"])
+def test_convergence_on_the_toys(tmp_path, schedule):
+    study.main(["convergence", "--data", "toy", "--budget", "tiny", "--seed", "1", "--out", str(tmp_path)] +
+               (["--schedule", schedule] if schedule else []))
+    name = "convergence-toy-per-budget" if schedule == "per-budget" else "convergence-toy"
+    (header, rows), record = outputs(tmp_path, name)
+    assert record["schedule"] == (schedule or "one-run")
     iters = [str(i) for i in study.CONVERGENCE_TOY["tiny"]["iters"]]
     assert header == ["toy", "metric", "method"] + iters
     for toy in ("checkerboard", "pairs"):
@@ -153,6 +157,9 @@ def test_uncertainty(flows, tmp_path):
     (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}"], "needs --data-dir"),
     (["solvers", "--ckpt", "{purrception}"], "--ckpt and --dfm-ckpt are for --data fashion-mnist"),
     (["convergence", "--data", "fashion-mnist", "--data-dir", FASHION_MNIST], "needs --codes"),
+    (["convergence", "--data", "fashion-mnist", "--codes", "{codes}", "--schedule", "per-budget"],
+     "--schedule is for --data toy"),
+    (["convergence", "--data", "toy", "--codes", "{codes}"], "--codes is for --data fashion-mnist"),
     (["convergence", "--data", "mnist", "--codes", "{codes}", "--data-dir", FASHION_MNIST], "not of --data mnist"),
 ])
 def test_bad_input_is_one_line(flows, codes_dir, tmp_path, capsys, argv, message):
