@@ -14,6 +14,7 @@ and exit with a non-zero status instead of a traceback.
 import gzip
 import json
 import os
+import sys
 import urllib.request
 
 import numpy as np
@@ -21,6 +22,21 @@ import numpy as np
 
 class UserError(Exception):
     """A mistake in the user's input: the CLIs print its message as one line and exit with status 2."""
+
+
+def run_command(command, *args):
+    """A script's entry point: a UserError becomes one line on stderr (said once, by rank 0, under torchrun, where
+    every rank finds the same mistake) and exit status 2; Ctrl-C exits with 130, after whatever the command saves
+    on its way out."""
+    try:
+        return command(*args)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------

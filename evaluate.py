@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import CLASS_NAMES, UserError, atomic_write_text, load_mnist
+from data import CLASS_NAMES, UserError, atomic_write_text, load_mnist, run_command
 
 CLASSIFIER_FORMAT = "purrception-classifier/1"
 COVERAGE_K = 5          # the k of coverage's k-nearest-neighbour balls (Naeem et al. use 5)
@@ -432,13 +432,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        evaluate(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(evaluate, args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import vfm
-from data import UserError
+from data import UserError, run_command
 from train import build, check_codebook, load_checkpoint, setup_distributed
 
 
@@ -201,14 +200,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        sample(args)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same mistake: say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(sample, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import vfm
-from data import CodeSet, UserError
+from data import CodeSet, UserError, run_command
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -758,13 +758,7 @@ def main(argv=None):
     except OSError as e:
         print(f"error: cannot create --out {args.out}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    return run_command(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import vfm
-from data import CodeSet, UserError
+from data import CodeSet, UserError, run_command
 from dit import DiT_models, build_dit
 
 CHECKPOINT_FORMAT = "purrception-flow/1"
@@ -423,14 +422,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        train(args)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same mistake: say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(train, args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -43,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from data import UserError
+from data import UserError, run_command
 
 MNIST_KIND = "mnist-vq"  # the "kind" of a checkpoint written by `python vq.py train`
 DATASETS = ("mnist", "fashion-mnist")
@@ -655,14 +654,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return {"train": train, "encode": encode}[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    return run_command({"train": train, "encode": encode}[args.command], args)
 
 
 if __name__ == "__main__":

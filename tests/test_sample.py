@@ -1,7 +1,6 @@
 """sample.py: the .npz for the FID evaluators, the grid, every sampling flag, torchrun, bad input."""
 
 import json
-import os
 
 import numpy as np
 import pytest
