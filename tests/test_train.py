@@ -59,6 +59,31 @@ def test_resume_equals_uninterrupted(codes_dir, tmp_path):
     assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "split"))
 
 
+def test_ctrl_c_saves_the_step_it_finished(codes_dir, tmp_path):
+    """Ctrl-C (SIGINT) between checkpoints: the run finishes its step, saves it, says so, exits 130, and resumes
+    from there to the uninterrupted run's exact state."""
+    common = ["--codes", codes_dir, *SMALL, "--ckpt-every", "1000", "--log-every", "1", "--lr", "1e-3"]
+    run = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--out", str(run),
+                             "--steps", "1000"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=log, stderr=log)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # log.jsonl gets a line per step (--log-every 1)
+        if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    log.close()
+    step = weights(run)["step"]
+    assert 3 <= step < 1000
+    assert f"interrupted: checkpoint saved at step {step}" in (tmp_path / "run.log").read_text()
+    train.main([*map(str, common), "--out", str(run), "--steps", str(step + 2), "--resume"])
+    train.main([*map(str, common), "--out", str(tmp_path / "full"), "--steps", str(step + 2)])
+    assert_same_state(weights(tmp_path / "full"), weights(run))
+
+
 def kill_tree(pid):
     """SIGKILL a process and all its descendants, as a lost node would: torchrun starts its workers in sessions
     of their own, so killing torchrun's process group alone leaves them running."""
