@@ -53,7 +53,7 @@ CONVERGENCE_IMAGES = {
 TEMPERATURE = {
     "tiny": dict(temperatures=("0.5", "1.0", "1.5"), schedules=("linear:1.2:0.8", "cosine:1.2:0.8"),
                  cfg_scales=(1.0, 2.0), num_samples=20, steps=3, grid_per_class=2),
-    "full": dict(temperatures=("0.5", "0.7", "0.8", "0.9", "1.0", "1.2", "1.5"),
+    "full": dict(temperatures=("0.2", "0.3", "0.5", "0.7", "0.8", "0.9", "1.0", "1.2", "1.5"),
                  schedules=("linear:1.2:0.8", "cosine:1.2:0.8", "linear:0.8:1.2"),
                  cfg_scales=(1.0, 2.0), num_samples=1000, steps=50, grid_per_class=8),
 }
@@ -713,7 +713,7 @@ BUDGET_HELP = {
                    "--schedule per-budget about 1.5x that); --data fashion-mnist about an hour (4 objectives x "
                    "3,000 DiT-T/1 steps of batch 64 at about 8 steps/s, then 6 checkpoints each scored with 1,000 "
                    "samples of 100 Euler steps, about 85 s apiece).",
-    "temperature": "CPU budget at --budget full, on 2 cores: about 25 minutes for DiT-T/1 (10 temperatures and "
+    "temperature": "CPU budget at --budget full, on 2 cores: about 30 minutes for DiT-T/1 (12 temperatures and "
                    "schedules x 2 guidance scales x 1,000 samples of 50 Euler steps, the sampling setting of the "
                    "README's Fashion-MNIST tier; guidance doubles the batch).",
     "solvers": "CPU budget at --budget full, on 2 cores: --data toy about 5 minutes; --data fashion-mnist about 10 "
