@@ -393,7 +393,8 @@ def reconstruction_reference(codes, n, args):
     return score(images, labels, codes.meta["dataset"], args)
 
 
-def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel, reference=None, log_x=False):
+def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel, reference=None, log_x=None):
+    """Accuracy and FID-LeNet against x_key, a line per series; log_x: the x values to label on a log axis."""
     plt = pyplot()
     fig, axes = metric_panels(plt, title)
     for ax, metric in zip(axes, ("accuracy", "fid")):
@@ -404,7 +405,7 @@ def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel
         if reference is not None:
             ax.axhline(reference[metric], c="k", ls="--", lw=1, label="VQ reconstructions")
         if log_x:
-            log_ticks(ax, sorted({r[x_key] for r in rows}))
+            log_ticks(ax, log_x)
         if metric == "fid":
             log_y(ax)
         ax.set_xlabel(xlabel)
@@ -625,7 +626,8 @@ def solvers_images(args):
         row["series"] = f"{row['model']}, {row['solver']}"
     series = list(dict.fromkeys(r["series"] for r in rows))
     figure_metrics_vs(args, "solvers-" + args.data, rows, "series", "nfe", series,
-                      f"{flows[0].dataset}: quality vs network evaluations", "network evaluations (NFE)", log_x=True)
+                      f"{flows[0].dataset}: quality vs network evaluations", "network evaluations (NFE)",
+                      log_x=b["nfe"])
     return write_outputs(args, "solvers-" + args.data, table + note,
                          dict(settings=b, seed=args.seed, ckpts={f.name: os.path.abspath(f.path) for f in flows},
                               rows=rows), start)
