@@ -40,6 +40,19 @@ def codes_dir(tokenizer_run, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def flow_ckpts(codes_dir, tmp_path_factory):
+    """A Purrception and a DFM checkpoint of 2 steps on the session's codes (EMA decay 0: the EMA is the model)."""
+    import train
+    ckpts = {}
+    for objective in ("purrception", "dfm"):
+        run = tmp_path_factory.mktemp(objective)
+        train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "2",
+                    "--model", "DiT-T/1", "--batch-size", "8", "--sample-every", "0", "--ema-decay", "0"])
+        ckpts[objective] = run / "checkpoints" / "last.pt"
+    return ckpts
+
+
 def run_cli(script, *args, env=None):
     """Run one of the repo's scripts in a subprocess: (return code, stdout, stderr)."""
     import subprocess

@@ -3,24 +3,10 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 import sample
-import train
 from conftest import FASHION_MNIST, run_cli
-
-
-@pytest.fixture(scope="module")
-def flow_runs(codes_dir, tmp_path_factory):
-    """A Purrception and a DFM run of a few steps on the session's codes."""
-    runs = {}
-    for objective in ("purrception", "dfm"):
-        run = tmp_path_factory.mktemp(objective)
-        train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "2",
-                    "--model", "DiT-T/1", "--batch-size", "8", "--sample-every", "0"])
-        runs[objective] = run / "checkpoints" / "last.pt"
-    return runs
 
 
 def load(out):
@@ -28,9 +14,9 @@ def load(out):
         return {k: f[k] for k in f.files}
 
 
-def test_samples_npz_grid_and_settings(flow_runs, tmp_path):
+def test_samples_npz_grid_and_settings(flow_ckpts, tmp_path):
     out = tmp_path / "s"
-    sample.main(["--ckpt", str(flow_runs["purrception"]), "--num-samples", "23", "--temperature", "0.9",
+    sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "23", "--temperature", "0.9",
                  "--cfg-scale", "1.5", "--steps", "4", "--solver", "heun", "--seed", "1", "--batch-size", "10",
                  "--out", str(out)])
     npz = load(out)
@@ -44,11 +30,11 @@ def test_samples_npz_grid_and_settings(flow_runs, tmp_path):
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG" and not (out / ".parts").exists()
 
 
-def test_same_seed_same_images_and_options(flow_runs, tmp_path):
-    base = ["--ckpt", str(flow_runs["purrception"]), "--num-samples", "6", "--steps", "3"]
+def test_same_seed_same_images_and_options(flow_ckpts, tmp_path):
+    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "3"]
     sample.main(base + ["--out", str(tmp_path / "a")])
     sample.main(base + ["--out", str(tmp_path / "b")])
-    tokenizer = torch.load(flow_runs["purrception"], weights_only=False)["codes_meta"]["tokenizer"]["path"]
+    tokenizer = torch.load(flow_ckpts["purrception"], weights_only=False)["codes_meta"]["tokenizer"]["path"]
     sample.main(base + ["--out", str(tmp_path / "c"), "--seed", "5", "--no-ema", "--temperature", "linear:1.2:0.8",
                         "--tokenizer", tokenizer])
     a, b, c = load(tmp_path / "a"), load(tmp_path / "b"), load(tmp_path / "c")
@@ -57,15 +43,15 @@ def test_same_seed_same_images_and_options(flow_runs, tmp_path):
     assert settings["weights"] == "model" and settings["temperature"] == "linear:1.2:0.8" and settings["seed"] == 5
 
 
-def test_dfm_samples_with_its_discrete_sampler(flow_runs, tmp_path):
-    sample.main(["--ckpt", str(flow_runs["dfm"]), "--num-samples", "4", "--steps", "3", "--out", str(tmp_path)])
+def test_dfm_samples_with_its_discrete_sampler(flow_ckpts, tmp_path):
+    sample.main(["--ckpt", str(flow_ckpts["dfm"]), "--num-samples", "4", "--steps", "3", "--out", str(tmp_path)])
     assert load(tmp_path)["arr_0"].shape == (4, 28, 28, 1)
-    rc, _, err = run_cli("sample.py", "--ckpt", flow_runs["dfm"], "--solver", "heun", "--out", tmp_path / "x")
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["dfm"], "--solver", "heun", "--out", tmp_path / "x")
     assert rc == 2 and "discrete Euler step only" in err and "Traceback" not in err
 
 
-def test_torchrun_gives_the_same_samples_as_one_process(flow_runs, tmp_path):
-    args = ["--ckpt", flow_runs["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "4"]
+def test_torchrun_gives_the_same_samples_as_one_process(flow_ckpts, tmp_path):
+    args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "4"]
     rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 sample.py", *args, "--out", tmp_path / "two")
     assert rc == 0, err[-2000:]
     sample.main([str(a) for a in args] + ["--out", str(tmp_path / "one")])
@@ -73,15 +59,15 @@ def test_torchrun_gives_the_same_samples_as_one_process(flow_runs, tmp_path):
     assert two["arr_0"].shape[0] == 13 and np.array_equal(two["arr_0"], one["arr_0"])
 
 
-def test_bad_input(flow_runs, tmp_path):
+def test_bad_input(flow_ckpts, tmp_path):
     rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "o")
     assert rc == 2 and "missing.pt: no such checkpoint" in err and "Traceback" not in err
-    rc, _, err = run_cli("sample.py", "--ckpt", flow_runs["purrception"], "--temperature", "warm", "--out", tmp_path)
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--temperature", "warm", "--out", tmp_path)
     assert rc == 2 and "bad temperature 'warm'" in err
     import vq  # a second tokenizer, trained from another seed: its codebook differs from the codes'
     vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "vq2"),
              "--limit", "64", "--steps", "2", "--batch-size", "32", "--seed", "1"])
-    rc, _, err = run_cli("sample.py", "--ckpt", flow_runs["purrception"], "--tokenizer", tmp_path / "vq2" / "tokenizer.pt",
-                         "--out", tmp_path / "o2")
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"],
+                         "--tokenizer", tmp_path / "vq2" / "tokenizer.pt", "--out", tmp_path / "o2")
     assert rc == 2 and "does not match" in err and "Traceback" not in err
     assert not (tmp_path / "o2" / "samples.npz").exists()

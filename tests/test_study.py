@@ -37,18 +37,6 @@ def classifier(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def flows(codes_dir, tmp_path_factory):
-    """A Purrception and a DFM checkpoint of 2 steps on the session's codes."""
-    ckpts = {}
-    for objective in ("purrception", "dfm"):
-        run = tmp_path_factory.mktemp(objective)
-        train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "2",
-                    "--model", "DiT-T/1", "--batch-size", "8", "--sample-every", "0", "--ema-decay", "0"])
-        ckpts[objective] = run / "checkpoints" / "last.pt"
-    return ckpts
-
-
 def scoring(classifier):
     return ["--data-dir", FASHION_MNIST, "--classifier", str(classifier)]
 
@@ -113,8 +101,8 @@ def test_convergence_on_codes(codes_dir, classifier, tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 for r in record["rows"])
 
 
-def test_temperature(flows, classifier, tmp_path):
-    study.main(["temperature", "--ckpt", str(flows["purrception"]), *scoring(classifier), "--budget", "tiny",
+def test_temperature(flow_ckpts, classifier, tmp_path):
+    study.main(["temperature", "--ckpt", str(flow_ckpts["purrception"]), *scoring(classifier), "--budget", "tiny",
                 "--seed", "2", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "temperature", ["temperature-grid"])
     b = study.TEMPERATURE["tiny"]
@@ -124,9 +112,9 @@ def test_temperature(flows, classifier, tmp_path):
     assert record["grid_temperatures"][0] == "0.5" and record["grid_temperatures"][2] == "1.5"
 
 
-def test_solvers_on_codes(flows, classifier, tmp_path):
-    study.main(["solvers", "--data", "fashion-mnist", "--ckpt", str(flows["purrception"]),
-                "--dfm-ckpt", str(flows["dfm"]), *scoring(classifier), "--budget", "tiny", "--out", str(tmp_path)])
+def test_solvers_on_codes(flow_ckpts, classifier, tmp_path):
+    study.main(["solvers", "--data", "fashion-mnist", "--ckpt", str(flow_ckpts["purrception"]),
+                "--dfm-ckpt", str(flow_ckpts["dfm"]), *scoring(classifier), "--budget", "tiny", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "solvers-fashion-mnist")
     assert header == ["model", "solver", "NFE target", "steps", "NFE", "ms/sample", "accuracy", "FID-LeNet"]
     nfe = study.SOLVERS_IMAGES["tiny"]["nfe"]
@@ -135,8 +123,8 @@ def test_solvers_on_codes(flows, classifier, tmp_path):
     assert all(r["seconds_per_sample"] > 0 for r in record["rows"])
 
 
-def test_uncertainty(flows, tmp_path):
-    study.main(["uncertainty", "--ckpt", str(flows["purrception"]), "--budget", "tiny", "--out", str(tmp_path)])
+def test_uncertainty(flow_ckpts, tmp_path):
+    study.main(["uncertainty", "--ckpt", str(flow_ckpts["purrception"]), "--budget", "tiny", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "uncertainty")
     b = study.UNCERTAINTY["tiny"]
     assert header[0] == "sample" and len(header) == 1 + b["times"] and header[1] == "t=0.00"
@@ -164,8 +152,8 @@ def test_uncertainty(flows, tmp_path):
     (["convergence", "--data", "toy", "--codes", "{codes}"], "--codes is for --data fashion-mnist"),
     (["convergence", "--data", "mnist", "--codes", "{codes}", "--data-dir", FASHION_MNIST], "not of --data mnist"),
 ])
-def test_bad_input_is_one_line(flows, codes_dir, tmp_path, capsys, argv, message):
-    argv = [a.format(codes=codes_dir, **flows) for a in argv] + ["--budget", "tiny", "--out", str(tmp_path)]
+def test_bad_input_is_one_line(flow_ckpts, codes_dir, tmp_path, capsys, argv, message):
+    argv = [a.format(codes=codes_dir, **flow_ckpts) for a in argv] + ["--budget", "tiny", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as e:
         study.main(argv)
     assert e.value.code == 2
@@ -173,7 +161,8 @@ def test_bad_input_is_one_line(flows, codes_dir, tmp_path, capsys, argv, message
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_bad_input_from_the_command_line(flows, tmp_path):
-    rc, out, err = run_cli("study.py", "uncertainty", "--ckpt", flows["dfm"], "--out", tmp_path)
+def test_bad_input_from_the_command_line(flow_ckpts, tmp_path):
+    rc, out, err = run_cli("study.py", "uncertainty", "--ckpt", flow_ckpts["dfm"], "--out", tmp_path)
     assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines() == [f"error: {flows['dfm']}: a checkpoint of dfm; uncertainty needs purrception"]
+    expected = f"error: {flow_ckpts['dfm']}: a checkpoint of dfm; uncertainty needs purrception"
+    assert err.strip().splitlines() == [expected]
