@@ -53,15 +53,20 @@ def flow_ckpts(codes_dir, tmp_path_factory):
     return ckpts
 
 
-def run_cli(script, *args, env=None):
-    """Run one of the repo's scripts in a subprocess: (return code, stdout, stderr)."""
-    import subprocess
+def cli(script, *args, env=None):
+    """(command, keyword arguments for subprocess) to run one of the repo's scripts, or torchrun of one."""
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if script.startswith("torchrun "):  # torchrun of this Python, whatever is first on PATH
         cmd = [sys.executable, "-m", "torch.distributed.run", *script.split()[1:]]
     else:
         cmd = [sys.executable, os.path.join(root, script)]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=600)
+    return cmd + [str(a) for a in args], dict(cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def run_cli(script, *args, env=None):
+    """Run one of the repo's scripts in a subprocess: (return code, stdout, stderr)."""
+    import subprocess
+    cmd, kwargs = cli(script, *args, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
     return proc.returncode, proc.stdout, proc.stderr

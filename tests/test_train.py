@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,12 +12,9 @@ import pytest
 import torch
 
 import train
-from conftest import run_cli
+from conftest import cli, run_cli
 
 SMALL = ["--model", "DiT-T/1", "--batch-size", "8", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "0"]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights(run):
@@ -65,9 +61,8 @@ def test_ctrl_c_saves_the_step_it_finished(codes_dir, tmp_path):
     common = ["--codes", codes_dir, *SMALL, "--ckpt-every", "1000", "--log-every", "1", "--lr", "1e-3"]
     run = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--out", str(run),
-                             "--steps", "1000"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=log, stderr=log)
+    cmd, kwargs = cli("train.py", *common, "--out", run, "--steps", 1000)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, **kwargs)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # log.jsonl gets a line per step (--log-every 1)
         if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 3:
@@ -113,10 +108,9 @@ def test_ddp_two_gloo_processes_killed_then_resumed(codes_dir, tmp_path):
     torchrun = "torchrun --standalone --nproc_per_node=2 train.py"
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun.split()[1:], *map(str, common),
-           "--out", str(killed), "--steps", "1000"]
+    cmd, kwargs = cli(torchrun, *common, "--out", killed, "--steps", 1000)
     log = open(tmp_path / "killed.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=log)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, **kwargs)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
