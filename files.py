@@ -1,0 +1,58 @@
+"""
+Files written whole or not at all, and files read with a check.
+
+Every file this repo writes goes through `atomic_write`: the content goes to a temporary file beside the target,
+which is then renamed over it, so a crash, a kill or Ctrl-C mid-write leaves the previous file (or none), never
+half of one. `load_torch` reads a PyTorch file and says in one message which file is not what was expected.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def atomic_write(path, write, mode="wb"):
+    """Call write(f) on a temporary file in path's directory, then rename it to `path`."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_npy(path, array):
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path, expected, weights_only=True):
+    """torch.load to the CPU, or FileNotFoundError / ValueError naming `path` and what was `expected` there."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # zip, pickle and torch each raise their own errors for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable PyTorch file ({type(e).__name__}); expected {expected}") from None
+
+
+def markdown_table(header, rows):
+    """A markdown table: a header row, then one row per list of cells."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

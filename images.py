@@ -1,0 +1,59 @@
+"""
+Images as this repo passes them around, and pictures of them.
+
+Two layouts, one conversion each way:
+  * float (B, C, H, W) in [-1, 1]: what tokenizers encode and decode (pixel / 127.5 - 1);
+  * uint8 (B, H, W, C): what is saved, scored and shown (the layout of the FID evaluators' .npz files).
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+
+import files
+
+
+def to_uint8(images):
+    """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8 numpy."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_float(images):
+    """uint8 (B, H, W) or (B, H, W, C) -> float (B, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(images)).float()
+    x = x.unsqueeze(-1) if x.dim() == 3 else x
+    return x.permute(0, 3, 1, 2).div(127.5).sub(1)
+
+
+def image_grid(images, nrow, scale=None, pad=2):
+    """uint8 (B, H, W, C) images as one PIL image, `nrow` images a row on a white ground; small images are
+    enlarged (to at least 64 pixels, or by `scale`) with nearest-neighbour pixels."""
+    B, H, W, C = images.shape
+    rows = (B + nrow - 1) // nrow
+    canvas = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = image
+    picture = Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+    scale = scale or max(1, 64 // H)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    return picture
+
+
+def save_grid(images, path, nrow, scale=None):
+    """image_grid as a PNG file, written atomically."""
+    picture = image_grid(images, nrow, scale)
+    files.atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def class_grid(images, labels, per_row=10, max_classes=10):
+    """(per_row * classes, H, W, C): up to `per_row` images of each of the first classes, a row per class,
+    short rows filled with white."""
+    rows = []
+    for c in np.unique(labels)[:max_classes]:
+        pick = images[labels == c][:per_row]
+        if len(pick) < per_row:
+            pick = np.concatenate([pick, np.full((per_row - len(pick), *images.shape[1:]), 255, np.uint8)])
+        rows.append(pick)
+    return np.concatenate(rows)
