@@ -35,7 +35,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("purrception", "cfm", "cfm-endpoint", "dfm")
 SOLVERS = ("euler", "heun", "midpoint")
 T_MIN = 1e-3
 Z_LOSS_WEIGHT = 1e-5
@@ -159,22 +158,36 @@ def num_evaluations(steps, solver):
 # ----------------------------------------------------------------------------------------------------------
 
 class Objective:
-    """What a method trains and how it samples. Subclasses: Purrception, CFM, CFMEndpoint, DFM.
+    """What a method trains and how it samples. Subclasses: Purrception, its regression variants CFM and
+    CFMEndpoint, and DFM.
 
     The network is any callable model(x, t, y): x (B, *S, d) float (or (B, *S) long for DFM), t (B,) in [0, 1],
     y (B,) long with the null class num_classes; it returns (B, *S, out_dim).
+    Every objective takes the same keywords: p_uncond (label dropout), t_min (the least training time) and
+    z_loss_weight (lambda of Purrception's z-loss; the other objectives do not use it).
     """
 
     name = None
 
-    def __init__(self, codebook, num_classes=0, p_uncond=P_UNCOND, t_min=T_MIN):
+    def __init__(self, codebook, num_classes=0, *, p_uncond=P_UNCOND, t_min=T_MIN, z_loss_weight=Z_LOSS_WEIGHT):
         self.codebook = flow_codebook(codebook)  # (K, d)
         self.num_codes, self.code_dim = self.codebook.shape
         self.num_classes, self.p_uncond, self.t_min = num_classes, p_uncond, t_min
+        self.z_loss_weight = z_loss_weight
 
     def model_io(self):
         """Keyword arguments that size the network: in_dim, out_dim, input_vocab."""
-        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
+        raise NotImplementedError
+
+    def loss(self, model, codes, y=None, generator=None):
+        """Returns (scalar loss, per-sample loss (B,), t (B,)): the last two for loss-by-t logging."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+               generator=None, callback=None):
+        """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation."""
+        raise NotImplementedError
 
     def to(self, device):
         self.codebook = self.codebook.to(device)
@@ -199,101 +212,98 @@ class Objective:
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
-    def loss(self, model, codes, y=None, generator=None):
-        """Returns (scalar loss, per-sample loss (B,), t (B,)): the last two for loss-by-t logging."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
-               generator=None, callback=None):
-        """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation."""
-        raise NotImplementedError
-
     def _draw_t(self, codes, generator):
         return sample_t(codes.shape[0], codes.device, generator, self.t_min)
 
 
-class _ContinuousFlow(Objective):
-    """Shared by Purrception, CFM and CFM-endpoint: a continuous flow from N(0, I) to the codebook."""
+class Purrception(Objective):
+    """Variational flow matching with a categorical posterior over the codes (the paper's method).
 
-    def prediction(self, out, z, t, tau):
-        """The velocity u(z, t) from the (guided) network output."""
-        raise NotImplementedError
+    Loss: on the path z_t = (1 - t) z0 + t z1, the cross-entropy of the logits l_theta(z_t, t) against the true
+    code, plus the z-loss. Sampler: integrate u(z, t) = (mu(z, t) - z) / (1 - t) from z0 ~ N(0, I) to t = 1 and
+    snap to the nearest code. CFM and CFMEndpoint share this path, loss and sampler and change only what the
+    network outputs: per_sample_loss (its regression target) and velocity (how it gives u).
+    """
+
+    name = "purrception"
+
+    def model_io(self):
+        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
 
     def loss(self, model, codes, y=None, generator=None):
-        z1 = self.embed(codes)
-        z0 = torch.randn(z1.shape, device=z1.device, generator=generator)
-        t = self._draw_t(codes, generator)
-        zt = interpolate(z0, z1, t)
+        z1 = self.embed(codes)  # (B, *S, d)
+        z0 = torch.randn(z1.shape, device=z1.device, generator=generator)  # (B, *S, d)
+        t = self._draw_t(codes, generator)  # (B,)
+        zt = interpolate(z0, z1, t)  # (B, *S, d)
         y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
-        per_sample = self.per_sample_loss(model(zt, t, y).float(), codes, z0, z1)
+        per_sample = self.per_sample_loss(model(zt, t, y).float(), codes, z0, z1)  # (B,)
         return per_sample.mean(), per_sample.detach(), t
+
+    def per_sample_loss(self, logits, codes, z0, z1):
+        """The loss of each sample, (B,), from the network output at z_t (B, *S, out_dim), the codes (B, *S) and
+        the ends of the path z0, z1 (B, *S, d). Here -log q_theta(c | z_t) + lambda * logsumexp(l)^2 (the z-loss),
+        averaged over the positions."""
+        lse = torch.logsumexp(logits, dim=-1)  # (B, *S): one pass over the K logits serves both terms
+        ce = lse - logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # (B, *S): -log softmax(l)_c
+        per_position = ce + self.z_loss_weight * lse.pow(2)  # (B, *S)
+        return per_position.reshape(codes.shape[0], -1).mean(1)  # (B,)
+
+    def posterior_mean(self, logits, tau):
+        """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""
+        return torch.softmax(logits / tau, dim=-1) @ self.codebook  # (B, *S, K) @ (K, d) -> (B, *S, d)
+
+    def velocity(self, logits, z, t, tau):
+        """The velocity u(z, t), (B, *S, d), from the (guided) network output (B, *S, out_dim) at z (B, *S, d).
+        Here u = (mu - z) / (1 - t)."""
+        return (self.posterior_mean(logits, tau) - z) / max(1 - t, EPS)  # (B, *S, d)
 
     @torch.no_grad()
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
                generator=None, callback=None):
         device = self.codebook.device
         tau = parse_temperature(temperature)
-        z = torch.randn(*shape, self.code_dim, device=device, generator=generator)  # z0 ~ N(0, I)
+        z = torch.randn(*shape, self.code_dim, device=device, generator=generator)  # (B, *S, d): z0 ~ N(0, I)
 
-        def velocity(z, t):
-            out = self.guided(model, z, t, y, cfg_scale)
+        def u(z, t):
+            out = self.guided(model, z, t, y, cfg_scale)  # (B, *S, out_dim)
             if callback is not None:
                 callback(t, z, out)
-            return self.prediction(out, z, t, tau(t))
+            return self.velocity(out, z, t, tau(t))  # (B, *S, d)
 
-        return snap(solve_ode(velocity, z, steps, solver), self.codebook)
-
-
-class Purrception(_ContinuousFlow):
-    """Variational flow matching with a categorical posterior over the codes (the paper's method)."""
-
-    name = "purrception"
-
-    def __init__(self, codebook, num_classes=0, z_loss_weight=Z_LOSS_WEIGHT, **kw):
-        super().__init__(codebook, num_classes, **kw)
-        self.z_loss_weight = z_loss_weight
-
-    def model_io(self):
-        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
-
-    def per_sample_loss(self, logits, codes, z0, z1):
-        # -log q_theta(c | z_t) at every position, plus lambda * logsumexp(l)^2 (the z-loss)
-        lse = torch.logsumexp(logits, dim=-1)  # (B, *S): one pass over the K logits serves both terms
-        ce = lse - logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # -log softmax(l)_c
-        per_position = ce + self.z_loss_weight * lse.pow(2)
-        return per_position.reshape(codes.shape[0], -1).mean(1)
-
-    def posterior_mean(self, logits, tau):
-        """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""
-        return torch.softmax(logits / tau, dim=-1) @ self.codebook  # (B, *S, d)
-
-    def prediction(self, logits, z, t, tau):
-        return (self.posterior_mean(logits, tau) - z) / max(1 - t, EPS)
+        return snap(solve_ode(u, z, steps, solver), self.codebook)  # (B, *S)
 
 
-class CFM(_ContinuousFlow):
-    """Conditional flow matching: regress the velocity z1 - z0 by MSE."""
+class CFM(Purrception):
+    """Conditional flow matching: Purrception's path and sampler, with another regression target. The network
+    outputs the velocity itself, v (B, *S, d), trained by MSE against z1 - z0."""
 
     name = "cfm"
 
+    def model_io(self):
+        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
+
     def per_sample_loss(self, v, codes, z0, z1):
-        return (v - (z1 - z0)).pow(2).flatten(1).mean(1)
+        return (v - (z1 - z0)).pow(2).flatten(1).mean(1)  # (B, *S, d) -> (B,)
 
-    def prediction(self, v, z, t, tau):
-        return v
+    def velocity(self, v, z, t, tau):
+        return v  # (B, *S, d)
 
 
-class CFMEndpoint(_ContinuousFlow):
-    """Flow matching with an endpoint (data) prediction: regress z1 by MSE, velocity (z1_hat - z) / (1 - t)."""
+class CFMEndpoint(Purrception):
+    """Flow matching with an endpoint (data) prediction: Purrception's path and sampler, with another regression
+    target. The network outputs z1_hat (B, *S, d), trained by MSE against z1; the velocity is (z1_hat - z) / (1 - t).
+    """
 
     name = "cfm-endpoint"
 
-    def per_sample_loss(self, z1_hat, codes, z0, z1):
-        return (z1_hat - z1).pow(2).flatten(1).mean(1)
+    def model_io(self):
+        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
 
-    def prediction(self, z1_hat, z, t, tau):
-        return (z1_hat - z) / max(1 - t, EPS)
+    def per_sample_loss(self, z1_hat, codes, z0, z1):
+        return (z1_hat - z1).pow(2).flatten(1).mean(1)  # (B, *S, d) -> (B,)
+
+    def velocity(self, z1_hat, z, t, tau):
+        return (z1_hat - z) / max(1 - t, EPS)  # (B, *S, d)
 
 
 class DFM(Objective):
@@ -316,14 +326,16 @@ class DFM(Objective):
         return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
 
     def loss(self, model, codes, y=None, generator=None):
-        t = self._draw_t(codes, generator)
-        keep = torch.rand(codes.shape, device=codes.device, generator=generator) < t.view(-1, *[1] * (codes.dim() - 1))
-        xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))
-        y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
-        logits = model(xt, t, y).float()
-        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")
-        masked = (~keep).reshape(codes.shape[0], -1).float()
-        per_sample = (ce.view(codes.shape[0], -1) * masked).sum(1) / masked.sum(1).clamp_min(1)
+        B = codes.shape[0]
+        t = self._draw_t(codes, generator)  # (B,)
+        kappa = t.view(-1, *[1] * (codes.dim() - 1))  # (B, 1, ...)
+        keep = torch.rand(codes.shape, device=codes.device, generator=generator) < kappa  # (B, *S)
+        xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))  # (B, *S)
+        y = drop_labels(self.labels(y, B, codes.device), self.num_classes, self.p_uncond, generator)
+        logits = model(xt, t, y).float()  # (B, *S, K)
+        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")  # (B * P,)
+        masked = (~keep).reshape(B, -1).float()  # (B, P), P = prod(S) positions
+        per_sample = (ce.view(B, -1) * masked).sum(1) / masked.sum(1).clamp_min(1)  # (B,)
         return per_sample.mean(), per_sample.detach(), t
 
     @torch.no_grad()
@@ -335,22 +347,25 @@ class DFM(Objective):
             raise ValueError(f"steps must be >= 1, got {steps}")
         device = self.codebook.device
         tau = parse_temperature(temperature)
-        x = torch.full(shape, self.mask_token, dtype=torch.long, device=device)
+        x = torch.full(shape, self.mask_token, dtype=torch.long, device=device)  # (B, *S): all masked at t = 0
         ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         for i in range(steps):
             t, h = ts[i], ts[i + 1] - ts[i]
-            logits = self.guided(model, x, t, y, cfg_scale)
+            logits = self.guided(model, x, t, y, cfg_scale)  # (B, *S, K)
             if callback is not None:
                 callback(t, x, logits)
-            probs = torch.softmax(logits / tau(t), dim=-1)
+            probs = torch.softmax(logits / tau(t), dim=-1)  # (B, *S, K)
             draw = torch.multinomial(probs.reshape(-1, self.num_codes), 1, generator=generator).view(shape)
-            reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)
+            reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)  # (B, *S)
             x = torch.where((x == self.mask_token) & reveal, draw, x)
         return x
 
 
+OBJECTIVES = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoint, "dfm": DFM}
+
+
 def build_objective(name, codebook, num_classes=0, **kw):
-    classes = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoint, "dfm": DFM}
-    if name not in classes:
+    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight."""
+    if name not in OBJECTIVES:
         raise ValueError(f"unknown objective '{name}'; choose from: {', '.join(OBJECTIVES)}")
-    return classes[name](codebook, num_classes, **kw)
+    return OBJECTIVES[name](codebook, num_classes, **kw)

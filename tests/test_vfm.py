@@ -38,6 +38,15 @@ def test_path_endpoints_and_times():
     assert t.min() >= vfm.T_MIN and t.max() < 1
 
 
+def test_training_times_are_uniform_on_t_min_to_1():
+    n, t_min = 100000, 0.2
+    t = vfm.sample_t(n, "cpu", torch.Generator().manual_seed(0), t_min=t_min)
+    assert t.min() >= t_min and t.max() < 1
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # U[t_min, 1) puts a fraction q below t_min + q (1 - t_min)
+        below = (t < t_min + q * (1 - t_min)).double().mean().item()
+        assert below == pytest.approx(q, abs=4 * math.sqrt(q * (1 - q) / n))
+
+
 def test_label_dropout_uses_the_null_class():
     y = torch.arange(10)
     assert torch.equal(vfm.drop_labels(y, 10, 0.0), y)
@@ -59,7 +68,7 @@ def test_purrception_velocity_matches_float64_reference(tau):
     p = np.exp(l - l.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = (p @ Ef - z) / (1 - t)
-    got = obj.prediction(torch.tensor(logits, dtype=torch.float32), torch.tensor(z, dtype=torch.float32), t, tau)
+    got = obj.velocity(torch.tensor(logits, dtype=torch.float32), torch.tensor(z, dtype=torch.float32), t, tau)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -77,8 +86,10 @@ def test_temperature_schedules():
     assert vfm.parse_temperature(1.3)(0.8) == pytest.approx(1.3)
     lin = vfm.parse_temperature("linear:1.2:0.8")
     assert (lin(0), lin(0.5), lin(1)) == pytest.approx((1.2, 1.0, 0.8))
+    assert lin(0.25) == pytest.approx(1.1)
     cos = vfm.parse_temperature("cosine:1.2:0.8")
     assert (cos(0), cos(0.5), cos(1)) == pytest.approx((1.2, 1.0, 0.8))
+    assert cos(0.25) == pytest.approx(0.8 + 0.4 * (1 + math.sqrt(0.5)) / 2)  # a half cosine, not the line (1.1)
     for bad in ("hot", "linear:1", "cosine:a:b", "0", "-1", "linear:1:-2"):
         with pytest.raises(ValueError, match="temperature"):
             vfm.parse_temperature(bad)
@@ -120,7 +131,7 @@ def test_fixed_posterior_lands_exactly_on_its_mean_and_never_evaluates_t1(solver
         return logits.expand(*z.shape[:-1], 10)
 
     mu = obj.posterior_mean(logits, 1.0)
-    vfm.solve_ode(lambda z, t: obj.prediction(model(z, torch.full((z.shape[0],), t), None), z, t, 1.0),
+    vfm.solve_ode(lambda z, t: obj.velocity(model(z, torch.full((z.shape[0],), t), None), z, t, 1.0),
                   torch.randn(3, 4, 2), 7, solver)
     assert max(seen) < 1
     z1 = vfm.solve_ode(lambda z, t: (mu - z) / (1 - t), torch.randn(3, 4, 2, dtype=torch.float64), 7, solver)
@@ -190,6 +201,19 @@ class Fixed(torch.nn.Module):
         return self.out
 
 
+def test_every_objective_takes_the_same_keywords_and_sizes_its_network():
+    assert list(vfm.OBJECTIVES) == ["purrception", "cfm", "cfm-endpoint", "dfm"]
+    K, d = 6, 2
+    io = {"purrception": (K, None), "cfm": (d, None), "cfm-endpoint": (d, None), "dfm": (K, K + 1)}  # out, vocab
+    for name in vfm.OBJECTIVES:
+        obj = vfm.build_objective(name, torch.randn(K, d), 3, p_uncond=0.2, t_min=0.05, z_loss_weight=0.3)
+        assert (obj.name, obj.num_classes, obj.p_uncond, obj.t_min, obj.z_loss_weight) == (name, 3, 0.2, 0.05, 0.3)
+        out_dim, input_vocab = io[name]
+        assert obj.model_io() == dict(in_dim=d, out_dim=out_dim, input_vocab=input_vocab)
+        _, _, t = obj.loss(Fixed(torch.zeros(64, 1, out_dim)), torch.zeros(64, 1, dtype=torch.long))
+        assert t.min() >= 0.05
+
+
 def test_purrception_loss_is_cross_entropy_plus_z_loss():
     obj = vfm.Purrception(torch.randn(6, 2), z_loss_weight=0.01, p_uncond=0.0)
     logits, codes = torch.randn(3, 4, 6) * 4, torch.randint(0, 6, (3, 4))
@@ -199,18 +223,27 @@ def test_purrception_loss_is_cross_entropy_plus_z_loss():
     assert torch.allclose(per_sample, ref.mean(1), atol=1e-5) and loss.item() == pytest.approx(ref.mean().item(), abs=1e-5)
 
 
-def test_cfm_losses_regress_velocity_and_endpoint():
-    E = torch.randn(6, 2)
-    codes = torch.randint(0, 6, (3, 4))
-    for name in ("cfm", "cfm-endpoint"):
-        obj = vfm.build_objective(name, E, p_uncond=0.0)
-        model = Fixed(torch.zeros(3, 4, 2))
-        loss, _, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(1))
-        zt = model.calls[0][0]
-        z1 = obj.codebook[codes]
-        z0 = (zt - t.view(-1, 1, 1) * z1) / (1 - t.view(-1, 1, 1))
-        target = z1 - z0 if name == "cfm" else z1
-        assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-4)
+@pytest.mark.parametrize("name", ["cfm", "cfm-endpoint"])
+def test_cfm_losses_regress_velocity_and_endpoint(name):
+    """A non-zero network output against the target computed in float64 from the same draws: the loss takes
+    z0 ~ N(0, I), then t ~ U[t_min, 1), from the generator, in that order."""
+    E, codes, out = torch.randn(6, 2), torch.randint(0, 6, (3, 4)), torch.randn(3, 4, 2)
+    obj = vfm.build_objective(name, E, p_uncond=0.0)
+    model = Fixed(out)
+    loss, per_sample, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(3, 4, 2, generator=g).double()
+    t_ref = vfm.T_MIN + (1 - vfm.T_MIN) * torch.rand(3, generator=g).double()
+    E = E.double()
+    z1 = (E / E.pow(2).mean().sqrt())[codes]
+    s = t_ref.view(-1, 1, 1)
+    zt, t_seen, _ = model.calls[0]
+    assert torch.allclose(t.double(), t_ref) and torch.allclose(t_seen.double(), t_ref)
+    assert torch.allclose(zt.double(), (1 - s) * z0 + s * z1, atol=1e-6)
+    target = z1 - z0 if name == "cfm" else z1  # the velocity of the straight path, or its end point
+    ref = (out.double() - target).pow(2).mean((1, 2))
+    assert torch.allclose(per_sample.double(), ref, rtol=1e-5)
+    assert loss.item() == pytest.approx(ref.mean().item(), rel=1e-5)
 
 
 def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_masked_tokens():
@@ -222,7 +255,12 @@ def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_masked_tokens():
     xt = model.calls[0][0]
     masked = xt == obj.mask_token
     assert torch.equal(xt[~masked], codes[~masked])
-    assert masked.float().mean().item() == pytest.approx((1 - t).mean().item(), abs=0.01)
+    # each token is masked with probability 1 - t of its own row: test it separately for small and large t, where
+    # masking with probability t instead would be off by about 0.5
+    for rows in (t < 0.5, t >= 0.5):
+        expected = (1 - t[rows]).double()
+        se = math.sqrt((expected * (1 - expected)).sum().item() * 8) / (8 * rows.sum().item())
+        assert masked[rows].double().mean().item() == pytest.approx(expected.mean().item(), abs=4 * se)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), codes.reshape(-1), reduction="none").view(4000, 8)
     ref = (ce * masked).sum(1) / masked.sum(1).clamp_min(1)
     assert torch.allclose(per_sample, ref, atol=1e-5)
@@ -233,6 +271,29 @@ def test_dfm_sampler_reveals_every_token():
     model = lambda x, t, y: torch.nn.functional.one_hot(torch.full(x.shape, 4), 6).float() * 50  # noqa: E731
     codes = obj.sample(model, (5, 9), steps=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(codes, torch.full((5, 9), 4))
+
+
+def test_dfm_sampler_follows_the_reveal_schedule():
+    """With logits that ignore x_t, only the reveal step unmasks: revealing with probability h / (1 - t) over
+    [t, t + h] leaves each token masked at t_i = i / steps with probability prod_j (1 - h / (1 - t_j)) = 1 - t_i.
+    Revealed tokens keep their code, drawn from softmax(l / tau)."""
+    obj = vfm.DFM(torch.randn(6, 2))
+    logits, tau, shape, steps = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -0.5]), 0.7, (200, 100), 10
+    n = shape[0] * shape[1]
+    states = []
+    codes = obj.sample(lambda x, t, y: logits.expand(*x.shape, 6), shape, steps=steps, temperature=tau,
+                       generator=torch.Generator().manual_seed(0), callback=lambda t, x, out: states.append((t, x)))
+    assert [t for t, _ in states] == pytest.approx([i / steps for i in range(steps)])
+    for t, x in states:
+        masked = (x == obj.mask_token).double().mean().item()
+        assert masked == pytest.approx(1 - t, abs=4 * math.sqrt(t * (1 - t) / n) + 1e-12)
+    for (_, before), (_, after) in zip(states, states[1:] + [(1.0, codes)]):
+        revealed = before != obj.mask_token
+        assert torch.equal(after[revealed], before[revealed])
+    p = torch.softmax(logits.double() / tau, -1)
+    freq = torch.bincount(codes.flatten(), minlength=7).double() / n
+    assert freq[6] == 0
+    assert torch.allclose(freq[:6], p, atol=4 * math.sqrt(0.25 / n))
 
 
 @pytest.mark.parametrize("name", vfm.OBJECTIVES)
