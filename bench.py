@@ -4,10 +4,10 @@ Training throughput of the DiT on the Purrception objective: steps/s, images/s, 
     python bench.py --models DiT-B/2 DiT-XL/2 --batch-size 32 --dtype bf16 --out BENCHMARKS.md     # one GPU
     python bench.py --models DiT-T/2 DiT-S/2 --batch-size 8 --dtype fp32 bf16 --steps 5 --warmup 2  # a CPU
 
-What is timed: full training steps of train.py's objective, vfm.Purrception (cross-entropy over the K codes at
-every grid position plus the z-loss), forward, backward and AdamW, on random code grids of --grid x --grid
-(32 x 32 is ImageNet-256 with an 8x tokenizer: 256 tokens at patch size 2) with codes of dimension --in-dim.
-The network outputs K = --codebook-size logits per position. --warmup steps are run first (torch.compile
+What is timed: train.py's training step (train.train_step) on the Purrception objective (cross-entropy over the
+K codes at every grid position plus the z-loss): forward, backward, gradient clipping, AdamW and the EMA update,
+on random code grids of --grid x --grid (32 x 32 is ImageNet-256 with an 8x tokenizer: 256 tokens at patch
+size 2) with codes of dimension --in-dim. The network outputs K = --codebook-size logits per position. --warmup steps are run first (torch.compile
 compiles during them), then --steps steps are timed, with the device synchronised before each clock read.
 
 FLOPs are the model's analytic count (DiT.flops_per_forward: every matrix product, a multiply-add counted as
@@ -18,19 +18,22 @@ enabled on CUDA), looked up by device name or given with --peak-tflops. On a CPU
 """
 
 import argparse
-import contextlib
+import copy
 import datetime
 import gc
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 
 import torch
 
+import distributed
+import files
+import train
 import vfm
+from cli import UserError, run_command
 from dit import DiT_models, build_dit
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (name fragment, bf16, tf32), first match wins.
@@ -69,12 +72,6 @@ def peak_tflops(device, dtype, override=None):
     return None
 
 
-def autocast_context(device, dtype):
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,23 +82,24 @@ def synchronize(device):
 # ----------------------------------------------------------------------------------------------------------
 
 def time_training(name, dtype, compiled, args, device):
-    """Seconds per training step and peak memory (GiB, CUDA only) for one model, dtype and compile setting."""
+    """Seconds per training step and peak memory (GiB, CUDA only) for one model, dtype and compile setting:
+    train.py's own step (forward, backward, gradient clipping, the loss scaler, AdamW, the EMA update)."""
     torch.manual_seed(args.seed)
     B, G, K = args.batch_size, args.grid, args.codebook_size
-    model = build_dit(name, grid_size=G, in_dim=args.in_dim, out_dim=K, num_classes=args.num_classes).to(device)
-    net = torch.compile(model) if compiled else model
+    raw_model = build_dit(name, grid_size=G, in_dim=args.in_dim, out_dim=K, num_classes=args.num_classes).to(device)
+    model = torch.compile(raw_model) if compiled else raw_model
+    ema = copy.deepcopy(raw_model).requires_grad_(False)
     objective = vfm.build_objective("purrception", torch.randn(K, args.in_dim), args.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = train.build_optimizer(raw_model, 1e-4, 0.0, device)
+    precision, autocast = distributed.autocast_context(dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     codes = torch.randint(K, (B, G, G), device=device)
     y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
-    autocast = autocast_context(device, dtype)
+    loss_by_t = train.LossByT(device)
 
     def step():
-        with autocast:
-            loss, _, _ = objective.loss(net, codes, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train.train_step(model, raw_model, ema, objective, opt, scaler, autocast, [(codes, y)], lr=1e-4,
+                         grad_clip=1.0, ema_decay=0.9999, loss_by_t=loss_by_t)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -143,37 +141,22 @@ def run_config(name, dtype, compiled, args, device, flops_per_image, params):
 # Report
 # ----------------------------------------------------------------------------------------------------------
 
-def markdown_table(rows):
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
-    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def report_section(rows, args, device, command):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     setup = (f"Grid {args.grid} x {args.grid}, code dimension {args.in_dim}, K = {args.codebook_size} codes, "
              f"{args.num_classes} classes; {args.warmup} warm-up and {args.steps} timed steps.")
     return (f"## {when}: {describe_device(device)}, torch {torch.__version__}\n\n"
-            f"```\n{command}\n```\n\n{setup}\n\n{markdown_table(rows)}")
+            f"```\n{command}\n```\n\n{setup}\n\n{table(rows)}")
+
+
+def table(rows):
+    return files.markdown_table(COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
 
 
 def append_markdown(path, text):
-    """Append a section to a markdown file atomically: write the whole new file beside it, then rename."""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        mode = os.stat(path).st_mode & 0o777
-    else:
-        old, mode = NEW_FILE_HEADER, 0o644
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench-", suffix=".md")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(old.rstrip("\n") + "\n\n" + text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Append a section to a markdown file (a new one starts with a title), written atomically."""
+    old = open(path).read() if os.path.exists(path) else NEW_FILE_HEADER
+    files.write_text(path, old.rstrip("\n") + "\n\n" + text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,22 +194,15 @@ def parse_args(argv=None):
     return args
 
 
-def fail(message):
-    print(f"bench.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parse_args(argv)
+def bench(args, command):
     try:
         device = torch.device(args.device)
-    except RuntimeError as e:
-        fail(str(e))
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device torch knows") from None
     if device.type not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: this benchmark runs on cpu or cuda")
+        raise UserError(f"--device {args.device}: this benchmark runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}, but CUDA is not available")
+        raise UserError(f"--device {args.device}, but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -241,7 +217,7 @@ def main(argv=None):
                 model = build_dit(name, grid_size=args.grid, in_dim=args.in_dim, out_dim=args.codebook_size,
                                   num_classes=args.num_classes)
         except ValueError as e:
-            fail(f"{name}: {e}")
+            raise UserError(f"{name}: {e}") from None
         sizes[name] = (3 * model.flops_per_forward(), model.num_params())
 
     compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -256,11 +232,17 @@ def main(argv=None):
                 rows.append(row)
 
     print()
-    print(markdown_table(rows), end="")
+    print(table(rows), end="")
     if args.out:
-        append_markdown(args.out, report_section(rows, args, device, shlex.join(["python", "bench.py", *argv])))
+        append_markdown(args.out, report_section(rows, args, device, command))
         print(f"appended to {args.out}")
     return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
+    return run_command(bench, args, shlex.join(["python", "bench.py", *argv]))
 
 
 if __name__ == "__main__":

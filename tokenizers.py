@@ -46,8 +46,8 @@ def check_codebook(expected, found, where):
     """ValueError unless the two (K, d) codebooks are the same."""
     expected, found = torch.as_tensor(expected).float().cpu(), torch.as_tensor(found).float().cpu()
     if expected.shape != found.shape or not torch.allclose(expected, found):
-        raise ValueError(f"{where}: its codebook {tuple(found.shape)} is not the codebook "
-                         f"{tuple(expected.shape)} the codes were made with")
+        raise ValueError(f"{where}: its codebook {tuple(found.shape)} does not match the codebook "
+                         f"{tuple(expected.shape)} of the codes")
 
 
 def load_for_codes(meta, codebook, device="cpu", path=None, ckpt=None):

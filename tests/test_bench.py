@@ -88,3 +88,21 @@ def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in err
+
+
+def test_times_train_py_s_own_training_step(monkeypatch):
+    """bench.py's steps/s is train.py's: every timed and warm-up step is a call of train.train_step, which moves
+    the weights, the optimizer state and the EMA."""
+    import train
+    calls = []
+    step = train.train_step
+
+    def counted(model, raw_model, ema, *args, **kw):
+        before = [p.detach().clone() for p in ema.parameters()]
+        grad_norm = step(model, raw_model, ema, *args, **kw)
+        calls.append(any(not torch.equal(a, b) for a, b in zip(before, ema.parameters())))
+        return grad_norm
+
+    monkeypatch.setattr(train, "train_step", counted)
+    bench.main(TINY + ["--dtype", "fp32", "--steps", "3", "--warmup", "2"])
+    assert len(calls) == 5 and all(calls)

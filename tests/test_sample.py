@@ -30,17 +30,22 @@ def test_samples_npz_grid_and_settings(flow_ckpts, tmp_path):
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG" and not (out / ".parts").exists()
 
 
-def test_same_seed_same_images_and_options(flow_ckpts, tmp_path):
-    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "3"]
-    sample.main(base + ["--out", str(tmp_path / "a")])
-    sample.main(base + ["--out", str(tmp_path / "b")])
+def test_same_seed_same_images_and_each_option_changes_them(flow_ckpts, tmp_path):
+    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "20", "--steps", "3"]
     tokenizer = torch.load(flow_ckpts["purrception"], weights_only=False)["codes_meta"]["tokenizer"]["path"]
-    sample.main(base + ["--out", str(tmp_path / "c"), "--seed", "5", "--no-ema", "--temperature", "linear:1.2:0.8",
-                        "--tokenizer", tokenizer])
-    a, b, c = load(tmp_path / "a"), load(tmp_path / "b"), load(tmp_path / "c")
-    assert np.array_equal(a["arr_0"], b["arr_0"])
-    settings = json.loads(str(c["settings"]))
-    assert settings["weights"] == "model" and settings["temperature"] == "linear:1.2:0.8" and settings["seed"] == 5
+    runs = {"a": [], "b": [], "seed": ["--seed", "5"], "no-ema": ["--no-ema"],
+            "schedule": ["--temperature", "linear:3:0.3"], "cfg": ["--cfg-scale", "3"], "tokenizer": ["--tokenizer", tokenizer]}
+    out = {}
+    for name, extra in runs.items():
+        sample.main(base + extra + ["--out", str(tmp_path / name)])
+        out[name] = load(tmp_path / name)
+    assert np.array_equal(out["a"]["arr_0"], out["b"]["arr_0"])
+    assert np.array_equal(out["a"]["arr_0"], out["tokenizer"]["arr_0"])  # the same tokenizer, named explicitly
+    for name in ("seed", "no-ema", "schedule", "cfg"):
+        assert not np.array_equal(out["a"]["arr_0"], out[name]["arr_0"]), f"{name} left the samples unchanged"
+    settings = {name: json.loads(str(npz["settings"])) for name, npz in out.items()}
+    assert settings["no-ema"]["weights"] == "model" and settings["a"]["weights"] == "ema"
+    assert settings["schedule"]["temperature"] == "linear:3:0.3" and settings["seed"]["seed"] == 5
 
 
 def test_dfm_samples_with_its_discrete_sampler(flow_ckpts, tmp_path):
@@ -61,7 +66,7 @@ def test_torchrun_gives_the_same_samples_as_one_process(flow_ckpts, tmp_path):
 
 def test_bad_input(flow_ckpts, tmp_path):
     rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "o")
-    assert rc == 2 and "missing.pt: no such checkpoint" in err and "Traceback" not in err
+    assert rc == 2 and "missing.pt: no such file" in err and "Traceback" not in err
     rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--temperature", "warm", "--out", tmp_path)
     assert rc == 2 and "bad temperature 'warm'" in err
     import vq  # a second tokenizer, trained from another seed: its codebook differs from the codes'

@@ -171,13 +171,13 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     shutil.copytree(codes_dir, other)
     np.save(other / "codebook.npy", np.load(other / "codebook.npy")[::-1].copy())
     rc, _, err = run_cli("train.py", "--codes", other, "--out", run, "--steps", "4", "--resume", *SMALL)
-    assert rc == 2 and "does not match the codes' codebook" in err and "Traceback" not in err
+    assert rc == 2 and "does not match the codebook (256, 8) of the codes" in err and "Traceback" not in err
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
                          "--objective", "cfm")
     assert rc == 2 and "trained with --objective purrception" in err
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
-    assert rc == 2 and "last.pt: not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "last.pt: not a readable PyTorch file" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,message", [
