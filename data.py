@@ -2,42 +2,27 @@
 Datasets and the on-disk code format.
 
 Two kinds of input reach this repo:
-  * MNIST and Fashion-MNIST as the standard IDX files (train-images-idx3-ubyte[.gz], ...), read with numpy.
+  * MNIST and Fashion-MNIST as the standard IDX files (train-images-idx3-ubyte[.gz], ...), read with numpy;
+    ImageFolder trees (ImageNet: ROOT/<class>/<image>) for the pretrained tokenizers.
   * Code sets written by `python vq.py encode`: the code grids of a whole split, its labels and the codebook,
     in a few array files. train.py reads this one format for every dataset, MNIST and ImageNet alike.
 
-Every problem a user can cause (a wrong path, a truncated file, a code set that does not match a checkpoint)
-raises UserError with one line naming the file and what was expected; the command-line tools print that line
-and exit with a non-zero status instead of a traceback.
+A wrong path raises FileNotFoundError (an OSError), a file that is not what was expected raises ValueError; each
+message is one line that names the file and what was expected there. The scripts turn these into their one-line
+command-line errors (cli.py).
 """
 
 import gzip
 import json
 import os
-import sys
 import urllib.request
 
 import numpy as np
+import torch
+from PIL import Image
 
-
-class UserError(Exception):
-    """A mistake in the user's input: the CLIs print its message as one line and exit with status 2."""
-
-
-def run_command(command, *args):
-    """A script's entry point: a UserError becomes one line on stderr (said once, by rank 0, under torchrun, where
-    every rank finds the same mistake) and exit status 2; Ctrl-C exits with 130, after whatever the command saves
-    on its way out."""
-    try:
-        return command(*args)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
+import files
+from images import to_float
 
 # ----------------------------------------------------------------------------------------------------------
 # MNIST-format IDX files
@@ -65,22 +50,22 @@ def read_idx(path):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise OSError(f"{path}: cannot read ({e.strerror})") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise UserError(f"{path}: corrupt gzip stream ({e})") from None
+            raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise UserError(f"{path}: not an IDX file (expected a 4-byte magic 00 00 <type> <ndim>)")
+        raise ValueError(f"{path}: not an IDX file (expected a 4-byte magic 00 00 <type> <ndim>)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise UserError(f"{path}: truncated IDX header")
+        raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise UserError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
+        raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -93,7 +78,7 @@ def _find(data_dir, stem):
 
 
 def download_mnist(dataset, data_dir):
-    """Fetch the four IDX files of `dataset` into data_dir (needs a network)."""
+    """Fetch the four IDX files of `dataset` into data_dir (needs a network); OSError naming the URL if one fails."""
     os.makedirs(data_dir, exist_ok=True)
     for stems in MNIST_FILES.values():
         for stem in stems:
@@ -103,32 +88,32 @@ def download_mnist(dataset, data_dir):
             try:
                 urllib.request.urlretrieve(url, dest + ".part")
             except OSError as e:
-                raise UserError(f"cannot download {url} ({e}); copy the IDX files into {data_dir} instead") from None
+                raise OSError(f"cannot download {url} ({e}); copy the IDX files into {data_dir} instead") from None
             os.replace(dest + ".part", dest)
 
 
 def load_mnist(dataset, data_dir, split="train", download=False):
     """Images (N, 28, 28) uint8 and labels (N,) int64 of one split of MNIST or Fashion-MNIST."""
     if dataset not in MNIST_FILES and dataset not in DOWNLOAD_URLS:
-        raise UserError(f"unknown dataset '{dataset}'; choose from: {', '.join(DOWNLOAD_URLS)}")
+        raise ValueError(f"unknown dataset '{dataset}'; choose from: {', '.join(DOWNLOAD_URLS)}")
     if split not in MNIST_FILES:
-        raise UserError(f"unknown split '{split}'; choose from: train, test")
+        raise ValueError(f"unknown split '{split}'; choose from: train, test")
     if download:
         download_mnist(dataset, data_dir)
     if not os.path.isdir(data_dir):
-        raise UserError(f"{data_dir}: no such directory (expected the {dataset} IDX files there)")
+        raise FileNotFoundError(f"{data_dir}: no such directory (expected the {dataset} IDX files there)")
     paths = []
     for stem in MNIST_FILES[split]:
         path = _find(data_dir, stem)
         if path is None:
             hint = "" if download else " (pass --download on a machine with a network)"
-            raise UserError(f"{os.path.join(data_dir, stem)}[.gz]: missing {dataset} {split} file{hint}")
+            raise FileNotFoundError(f"{os.path.join(data_dir, stem)}[.gz]: missing {dataset} {split} file{hint}")
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise UserError(f"{paths[0]}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
+        raise ValueError(f"{paths[0]}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.shape != (len(images),):
-        raise UserError(f"{paths[1]}: expected {len(images)} labels, got shape {labels.shape}")
+        raise ValueError(f"{paths[1]}: expected {len(images)} labels, got shape {labels.shape}")
     return images, labels.astype(np.int64)
 
 
@@ -143,19 +128,7 @@ def load_mnist(dataset, data_dir, split="train", download=False):
 # never leaves a shard or a code set that looks complete. uint16 holds K <= 65,536 codes: 2 KB per 32x32 grid.
 
 CODES_FORMAT = "purrception-codes/1"
-
-
-def _atomic_save(path, array):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+META_KEYS = ("num_codes", "code_dim", "shard_sizes", "grid", "num_classes", "views")  # what CodeSet reads
 
 
 def shard_paths(code_dir, index):
@@ -171,8 +144,8 @@ def write_shard(code_dir, index, codes, labels):
         raise ValueError("code indices must lie in [0, 65535] to be stored as uint16")
     os.makedirs(code_dir, exist_ok=True)
     codes_path, labels_path = shard_paths(code_dir, index)
-    _atomic_save(labels_path, labels.astype(np.int64))
-    _atomic_save(codes_path, codes.astype(np.uint16))  # the codes file last: its presence marks the shard done
+    files.save_npy(labels_path, labels.astype(np.int64))
+    files.save_npy(codes_path, codes.astype(np.uint16))  # the codes file last: its presence marks the shard done
 
 
 def shard_done(code_dir, index):
@@ -182,12 +155,22 @@ def shard_done(code_dir, index):
 def write_meta(code_dir, codebook, num_shards, **meta):
     """Finish a code set: the codebook and meta.json (written last). meta needs grid, num_classes, views."""
     codebook = np.asarray(codebook, dtype=np.float32)
-    _atomic_save(os.path.join(code_dir, "codebook.npy"), codebook)
+    files.save_npy(os.path.join(code_dir, "codebook.npy"), codebook)
     counts = [len(np.load(shard_paths(code_dir, i)[1], mmap_mode="r")) for i in range(num_shards)]
     meta = dict(format=CODES_FORMAT, num_codes=int(codebook.shape[0]), code_dim=int(codebook.shape[1]),
                 num_images=int(sum(counts)), shard_sizes=counts, **meta)
-    atomic_write_text(os.path.join(code_dir, "meta.json"), json.dumps(meta, indent=2))
+    files.write_json(os.path.join(code_dir, "meta.json"), meta)
     return meta
+
+
+def _load_npy(path, expected, mmap_mode="r"):
+    """np.load (memory-mapped by default), or FileNotFoundError / ValueError naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; expected a file of {expected}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy file ({e}); expected a file of {expected}") from None
 
 
 class CodeSet:
@@ -197,31 +180,37 @@ class CodeSet:
     """
 
     def __init__(self, code_dir):
+        expected = "a code set written by `python vq.py encode`"
         meta_path = os.path.join(code_dir, "meta.json")
         if not os.path.isfile(meta_path):
-            raise UserError(f"{meta_path}: missing; expected a code set written by `python vq.py encode`")
+            raise FileNotFoundError(f"{meta_path}: missing; expected {expected}")
         try:
             with open(meta_path) as f:
                 self.meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{meta_path}: unreadable ({e})") from None
-        if self.meta.get("format") != CODES_FORMAT:
-            raise UserError(f"{meta_path}: format {self.meta.get('format')!r}, expected {CODES_FORMAT!r}")
+        except ValueError as e:
+            raise ValueError(f"{meta_path}: not readable JSON ({e}); expected {expected}") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != CODES_FORMAT:
+            found = self.meta.get("format") if isinstance(self.meta, dict) else None
+            raise ValueError(f"{meta_path}: format {found!r}; expected {CODES_FORMAT!r}, {expected}")
+        missing = [k for k in META_KEYS if k not in self.meta]
+        if missing:
+            raise ValueError(f"{meta_path}: no {', '.join(missing)}; expected {expected}")
         self.dir = code_dir
-        try:
-            self.codebook = np.load(os.path.join(code_dir, "codebook.npy"))
-            self.codes, self.labels = [], []
-            for i, n in enumerate(self.meta["shard_sizes"]):
-                codes_path, labels_path = shard_paths(code_dir, i)
-                codes, labels = np.load(codes_path, mmap_mode="r"), np.load(labels_path, mmap_mode="r")
-                if codes.shape[0] != n or labels.shape != (n,) or codes.dtype != np.uint16:
-                    raise UserError(f"{codes_path}: expected {n} uint16 code grids, got {codes.dtype} {codes.shape}")
-                self.codes.append(codes)
-                self.labels.append(labels)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{code_dir}: a file of the code set is missing or corrupt ({e})") from None
+        self.codebook = _load_npy(os.path.join(code_dir, "codebook.npy"), expected, mmap_mode=None)
         if self.codebook.shape != (self.num_codes, self.meta["code_dim"]):
-            raise UserError(f"{code_dir}/codebook.npy: shape {self.codebook.shape} does not match meta.json")
+            raise ValueError(f"{code_dir}/codebook.npy: shape {self.codebook.shape}; meta.json says "
+                             f"{(self.num_codes, self.meta['code_dim'])}")
+        self.codes, self.labels = [], []
+        for i, n in enumerate(self.meta["shard_sizes"]):
+            codes_path, labels_path = shard_paths(code_dir, i)
+            codes, labels = _load_npy(codes_path, expected), _load_npy(labels_path, expected)
+            if codes.ndim != 4 or codes.shape[0] != n or codes.dtype != np.uint16:
+                raise ValueError(f"{codes_path}: expected {n} uint16 code grids (n, V, h, w), got {codes.dtype} "
+                                 f"{codes.shape}")
+            if labels.shape != (n,):
+                raise ValueError(f"{labels_path}: expected {n} labels, got shape {labels.shape}")
+            self.codes.append(codes)
+            self.labels.append(labels)
         self.offsets = np.cumsum([0] + self.meta["shard_sizes"])
 
     num_codes = property(lambda self: self.meta["num_codes"])
@@ -258,24 +247,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 def list_imagefolder(root):
     """(paths, labels, class_names) of an ImageFolder tree, classes and files in sorted order."""
     if not os.path.isdir(root):
-        raise UserError(f"{root}: no such directory (expected an ImageFolder tree: ROOT/<class>/<image>)")
+        raise FileNotFoundError(f"{root}: no such directory (expected an ImageFolder tree: ROOT/<class>/<image>)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    extensions = tuple(x.lower() for x in IMAGE_EXTENSIONS)
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(os.path.join(root, name))
-                       if e.is_file() and e.name.lower().endswith(tuple(x.lower() for x in IMAGE_EXTENSIONS)))
-        paths += [os.path.join(root, name, f) for f in files]
-        labels += [label] * len(files)
+        names = sorted(e.name for e in os.scandir(os.path.join(root, name))
+                       if e.is_file() and e.name.lower().endswith(extensions))
+        paths += [os.path.join(root, name, f) for f in names]
+        labels += [label] * len(names)
     if not paths:
-        raise UserError(f"{root}: not an ImageFolder tree (expected ROOT/<class>/<image>.jpg|png, found "
-                        f"{len(classes)} class directories and no images in them)")
+        raise ValueError(f"{root}: not an ImageFolder tree (expected ROOT/<class>/<image>.jpg|png, found "
+                         f"{len(classes)} class directories and no images in them)")
     return paths, np.array(labels, dtype=np.int64), classes
 
 
 def center_crop(image, size):
     """ADM's preprocessing (used by DiT): halve with a box filter while the short side is >= 2 * size, resize
     the short side to `size` with a bicubic filter, then crop the centre square."""
-    from PIL import Image
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -284,8 +273,24 @@ def center_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+def read_image(path, size):
+    """The center crop of the image at `path`: float (3, size, size) in [-1, 1]; ValueError naming the file if
+    it is not a readable image."""
+    try:
+        with Image.open(path) as f:
+            image = center_crop(f.convert("RGB"), size)
+    except OSError as e:  # PIL raises OSError subclasses for a missing, truncated or foreign file
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return to_float(np.array(image)[None])[0].contiguous()  # (3, size, size)
+
+
 class ImageFolderImages:
-    """Item i: (image (3, size, size) float32 in [-1, 1], label), for a torch DataLoader with workers."""
+    """Item i: (image float (3, size, size) in [-1, 1], label, problem), for a torch DataLoader with workers.
+
+    `problem` is "" when the image was read, else the ValueError of read_image as one line (the image is then
+    zeros): a DataLoader re-raises a worker's exception inside its own multi-line report, so the caller raises
+    the problem itself, in one line.
+    """
 
     def __init__(self, paths, labels, size):
         self.paths, self.labels, self.size = paths, labels, size
@@ -294,11 +299,7 @@ class ImageFolderImages:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
         try:
-            with Image.open(self.paths[i]) as f:
-                image = center_crop(f.convert("RGB"), self.size)
-        except OSError as e:
-            raise UserError(f"{self.paths[i]}: not a readable image ({e})") from None
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
-        return array, int(self.labels[i])
+            return read_image(self.paths[i], self.size), int(self.labels[i]), ""
+        except ValueError as e:
+            return torch.zeros(3, self.size, self.size), int(self.labels[i]), str(e)

@@ -37,7 +37,6 @@ flow over its codes: a flow can at best reproduce the tokenizer's codes of real 
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -48,7 +47,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import CLASS_NAMES, UserError, atomic_write_text, load_mnist, run_command
+import files
+import tokenizers
+from cli import UserError, run_command, user_errors
+from data import CLASS_NAMES, load_mnist
+from images import to_float, to_uint8
 
 CLASSIFIER_FORMAT = "purrception-classifier/1"
 COVERAGE_K = 5          # the k of coverage's k-nearest-neighbour balls (Naeem et al. use 5)
@@ -81,19 +84,13 @@ class LeNet(nn.Module):
         return self.head(self.dropout(self.features(x)))  # (B, num_classes)
 
 
-def to_input(images):
-    """uint8 images (B, 28, 28) or (B, 28, 28, 1) -> float (B, 1, 28, 28) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    return x.reshape(len(images), 1, *IMAGE_SHAPE) / 127.5 - 1
-
-
 @torch.no_grad()
 def extract(model, images, batch_size=1000, desc="features"):
     """Penultimate features (N, 128) float64 and predicted classes (N,) int64 of uint8 images."""
     model.eval()
     features, predictions = [], []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        f = model.features(to_input(images[i:i + batch_size]))  # (B, 128)
+        f = model.features(to_float(images[i:i + batch_size]))  # (B, 128)
         features.append(f.double().numpy())
         predictions.append(model.head(f).argmax(1).numpy())
     if not features:
@@ -121,7 +118,7 @@ def train_classifier(dataset, data_dir, epochs=5, batch_size=128, lr=2e-3, seed=
             order = torch.randperm(len(images)).numpy()
             for i in range(steps_per_epoch):
                 batch = order[i * batch_size:(i + 1) * batch_size]
-                loss = F.cross_entropy(model(to_input(images[batch])), torch.from_numpy(labels[batch]))
+                loss = F.cross_entropy(model(to_float(images[batch])), torch.from_numpy(labels[batch]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -150,30 +147,29 @@ def load_classifier(dataset, data_dir, path=None, **train_kwargs):
     """(model, info) from the cache file at `path` (default: default_classifier_path(dataset)); when the file
     does not exist, train the classifier (train_kwargs go to train_classifier) and write it there first.
 
-    info: path, dataset, test_accuracy, train_images, epochs, seed, seconds (of training)."""
+    info: path, dataset, test_accuracy, train_images, epochs, seed, seconds (of training). A file that is not a
+    classifier of `dataset` is a ValueError naming it, never silently replaced."""
     path = path or default_classifier_path(dataset)
     if not os.path.exists(path):
         model, info = train_classifier(dataset, data_dir, **train_kwargs)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(dict(format=CLASSIFIER_FORMAT, dataset=dataset, **info, model=model.state_dict()), tmp)
-        os.replace(tmp, path)
+        files.save_torch(path, dict(format=CLASSIFIER_FORMAT, dataset=dataset, **info, model=model.state_dict()))
         print(f"classifier: test accuracy {info['test_accuracy']:.2%} after {info['seconds']:.0f} s -> {path}",
               file=sys.stderr)
     fix = "delete it to train a new one, or pass another --classifier"
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling raises many kinds of errors on a damaged file
-        raise UserError(f"{path}: not a readable classifier file ({type(e).__name__}); {fix}") from None
+    record = files.load_torch(path, f"a classifier file of evaluate.py (format {CLASSIFIER_FORMAT}); {fix}")
     if not isinstance(record, dict) or record.get("format") != CLASSIFIER_FORMAT:
-        raise UserError(f"{path}: not a classifier file of evaluate.py (format {CLASSIFIER_FORMAT}); {fix}")
+        raise ValueError(f"{path}: not a classifier file of evaluate.py (format {CLASSIFIER_FORMAT}); {fix}")
     if record.get("dataset") != dataset:
-        raise UserError(f"{path}: a classifier of {record.get('dataset')}, not of {dataset}; {fix}")
+        raise ValueError(f"{path}: a classifier of {record.get('dataset')}, not of {dataset}; {fix}")
     model = LeNet(len(CLASS_NAMES[dataset]))
-    try:
-        model.load_state_dict(record.get("model"))
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: weights do not fit the classifier ({str(e).splitlines()[0]}); {fix}") from None
+    weights = record.get("model")
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in weights.items()} \
+        if isinstance(weights, dict) else None
+    if found != wanted:
+        raise ValueError(f"{path}: its weights do not fit the classifier of evaluate.py; {fix}")
+    model.load_state_dict(weights)
     info = {k: v for k, v in record.items() if k not in ("format", "model")}
     return model.eval(), dict(path=os.path.abspath(path), **info)
 
@@ -245,16 +241,16 @@ def check_images(images, labels=None, num_classes=10, where="images"):
     images = np.asarray(images)
     if (images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1:3] != IMAGE_SHAPE
             or (images.ndim == 4 and images.shape[3] != 1)):
-        raise UserError(f"{where}: expected MNIST-sized uint8 images (N, 28, 28, 1), got {images.dtype} "
-                        f"{images.shape}; ImageNet-sized samples go to the standard Inception FID evaluator")
+        raise ValueError(f"{where}: expected MNIST-sized uint8 images (N, 28, 28, 1), got {images.dtype} "
+                         f"{images.shape}; ImageNet-sized samples go to the standard Inception FID evaluator")
     if len(images) < 2:
-        raise UserError(f"{where}: {len(images)} image(s); FID needs at least 2")
+        raise ValueError(f"{where}: {len(images)} image(s); FID needs at least 2")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"{where}: expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
+            raise ValueError(f"{where}: expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise UserError(f"{where}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+            raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     return images, labels
 
 
@@ -282,7 +278,7 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
     JSON-ready dict: accuracy (None without labels), fid, coverage (the mean over classes), and per class:
     accuracy_per_class, coverage_per_class, class_histogram (counts of predicted classes), class_names."""
     if dataset not in CLASS_NAMES:
-        raise UserError(f"unknown dataset '{dataset}'; choose from: {', '.join(CLASS_NAMES)}")
+        raise ValueError(f"unknown dataset '{dataset}'; choose from: {', '.join(CLASS_NAMES)}")
     names = CLASS_NAMES[dataset]
     images, labels = check_images(images, labels, len(names))
     model, info, real_features, real_labels, (real_mu, real_sigma) = _prepared(dataset, data_dir, classifier_path)
@@ -314,12 +310,11 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
 @torch.no_grad()
 def reconstruct(tokenizer, images, batch_size=500):
     """uint8 images (N, 28, 28) -> uint8 (N, 28, 28, 1) through tokenizer.decode(tokenizer.encode(x)), on the
-    CPU, with x float (B, 1, 28, 28) in [-1, 1] (the layout and range of vq.py)."""
+    CPU, with x float (B, 1, 28, 28) in [-1, 1] (the layout and range of mnist_vq.py)."""
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="reconstructing the test split", leave=False):
-        x = to_input(images[i:i + batch_size])  # (B, 1, 28, 28)
-        y = tokenizer.decode(tokenizer.encode(x)).float().cpu()  # (B, 1, 28, 28)
-        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        x = to_float(images[i:i + batch_size])  # (B, 1, 28, 28)
+        out.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))  # (B, 28, 28, 1)
     return np.concatenate(out)
 
 
@@ -330,10 +325,7 @@ def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_
     name = None
     if isinstance(tokenizer, (str, os.PathLike)):
         name = os.path.abspath(tokenizer)
-        if not os.path.isfile(name):
-            raise UserError(f"{tokenizer}: no such file (expected a tokenizer checkpoint, RUN/tokenizer.pt)")
-        import vq
-        tokenizer = vq.load_tokenizer(str(tokenizer))
+        tokenizer = tokenizers.load(str(tokenizer))
     images, labels = load_mnist(dataset, data_dir, "test")
     metrics = evaluate_images(reconstruct(tokenizer, images, batch_size), labels, dataset, data_dir,
                               classifier_path)
@@ -347,19 +339,19 @@ def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_
 def load_samples(path):
     """(images (N, 28, 28, 1) uint8, labels (N,) or None) from an .npz of sample.py: arr_0 and labels."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file (expected the samples.npz of sample.py)")
+        raise FileNotFoundError(f"{path}: no such file (expected the samples.npz of sample.py)")
     try:
         with np.load(path, allow_pickle=False) as f:
             if not isinstance(f, np.lib.npyio.NpzFile):
                 raise ValueError("a single array, not an archive of arrays")
-            if "arr_0" not in f.files:
-                raise UserError(f"{path}: no array 'arr_0' (found: {', '.join(f.files) or 'none'}); expected "
-                                f"uint8 images N x H x W x C as sample.py writes them")
-            images = f["arr_0"]
-            labels = f["labels"] if "labels" in f.files else None
+            arrays = {name: f[name] for name in ("arr_0", "labels") if name in f.files}
+            found = f.files
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz file ({e})") from None
-    return check_images(images, labels, where=path)
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    if "arr_0" not in arrays:
+        raise ValueError(f"{path}: no array 'arr_0' (found: {', '.join(found) or 'none'}); expected uint8 images "
+                         f"N x H x W x C as sample.py writes them")
+    return check_images(arrays["arr_0"], arrays.get("labels"), where=path)
 
 
 def _percent(x):
@@ -367,33 +359,36 @@ def _percent(x):
 
 
 def format_table(columns):
-    """The metrics of one or more sets side by side; columns: [(title, metrics of evaluate_images)]."""
+    """The metrics of one or more sets side by side, as markdown; columns: [(title, metrics of evaluate_images)]."""
     first = columns[0][1]
-    lines = [f"{first['dataset']}: scored against its {first['num_real']:,} test images by the classifier "
-             f"{first['classifier']} (test accuracy {_percent(first['classifier_test_accuracy'])})", ""]
-    lines.append(f"{'':<18}" + "".join(f"{title:>14}" for title, _ in columns))
-    lines.append(f"{'images':<18}" + "".join(f"{m['num_samples']:>14,}" for _, m in columns))
-    lines.append(f"{'accuracy':<18}" + "".join(f"{_percent(m['accuracy']):>14}" for _, m in columns))
-    lines.append(f"{'FID-LeNet':<18}" + "".join(f"{m['fid']:>14.3f}" for _, m in columns))
-    lines.append(f"{'coverage (mean)':<18}" + "".join(f"{m['coverage']:>14.3f}" for _, m in columns))
-    lines += ["", f"{'class':<12}" + "".join(f"{title[:10]:>10} acc{'cov':>7}{'pred':>7}" for title, _ in columns)]
-    for c, name in enumerate(first["class_names"]):
-        lines.append(f"{name:<12}" + "".join(
-            f"{_percent(m['accuracy_per_class'][c]):>14}{m['coverage_per_class'][c]:>7.3f}"
-            f"{m['class_histogram'][c]:>7}" for _, m in columns))
-    lines.append(f"(acc: predicted as the class; cov: coverage, k = {COVERAGE_K}; pred: samples predicted as "
-                 f"the class; samples grouped by {first['samples_grouped_by']})")
-    return "\n".join(lines)
+    titles = [title for title, _ in columns]
+    summary = files.markdown_table(["", *titles], [
+        ["images", *(f"{m['num_samples']:,}" for _, m in columns)],
+        ["accuracy", *(_percent(m["accuracy"]) for _, m in columns)],
+        ["FID-LeNet", *(f"{m['fid']:.3f}" for _, m in columns)],
+        ["coverage (mean)", *(f"{m['coverage']:.3f}" for _, m in columns)],
+    ])
+    per_class = files.markdown_table(
+        ["class", *(f"{title} {column}" for title in titles for column in ("acc", "cov", "pred"))],
+        [[name, *(cell for _, m in columns for cell in (_percent(m["accuracy_per_class"][c]),
+                                                        f"{m['coverage_per_class'][c]:.3f}", m["class_histogram"][c]))]
+         for c, name in enumerate(first["class_names"])])
+    return (f"{first['dataset']}: scored against its {first['num_real']:,} test images by the classifier "
+            f"{first['classifier']} (test accuracy {_percent(first['classifier_test_accuracy'])})\n\n{summary}\n"
+            f"{per_class}\n(acc: predicted as the class; cov: coverage, k = {COVERAGE_K}; pred: samples predicted "
+            f"as the class; samples grouped by {first['samples_grouped_by']})")
 
 
 def evaluate(args):
     columns = []
-    if args.samples:
-        images, labels = load_samples(args.samples)
-        columns.append(("samples", evaluate_images(images, labels, args.dataset, args.data_dir, args.classifier)))
-    if args.reference_tokenizer:
-        columns.append(("tokenizer", reference_metrics(args.reference_tokenizer, args.dataset, args.data_dir,
+    with user_errors():  # the samples, the dataset, the classifier file and the tokenizer are the user's files
+        if args.samples:
+            images, labels = load_samples(args.samples)
+            columns.append(("samples", evaluate_images(images, labels, args.dataset, args.data_dir,
                                                        args.classifier)))
+        if args.reference_tokenizer:
+            columns.append(("tokenizer", reference_metrics(args.reference_tokenizer, args.dataset, args.data_dir,
+                                                           args.classifier)))
     print(format_table(columns))
     if args.samples:
         result = dict(samples=os.path.abspath(args.samples), **columns[0][1])
@@ -407,7 +402,7 @@ def evaluate(args):
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UserError(f"{out}: its directory does not exist")
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    files.write_json(out, result)
     print(f"-> {out}")
     return result
 

@@ -21,8 +21,8 @@ def to_uint8(images):
 def to_float(images):
     """uint8 (B, H, W) or (B, H, W, C) -> float (B, C, H, W) in [-1, 1]."""
     x = torch.as_tensor(np.asarray(images)).float()
-    x = x.unsqueeze(-1) if x.dim() == 3 else x
-    return x.permute(0, 3, 1, 2).div(127.5).sub(1)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (B, C, H, W)
+    return x.div(127.5).sub(1).clone(memory_format=torch.contiguous_format)  # NCHW strides, even for C = 1
 
 
 def image_grid(images, nrow, scale=None, pad=2):

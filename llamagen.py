@@ -49,13 +49,12 @@ to the nearest code is unchanged by a global scale, so the tokenizer's own codeb
 
 import argparse
 import contextlib
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError
+import files
 
 LLAMAGEN_CONFIGS = {
     "llamagen-vq16": dict(ch_mult=(1, 1, 2, 2, 4), codebook_size=16384, codebook_dim=8, z_channels=256, ch=128,
@@ -301,137 +300,57 @@ class LlamaGenVQ(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The published checkpoints' layout, written out independently of the classes above
-# ----------------------------------------------------------------------------------------------------------
-
-def expected_state_dict_shapes(name):
-    """Every key of the published checkpoint["model"] and its shape, as LlamaGen's vq_model.py lays it out.
-
-    This is a separate record of the published layout, not derived from LlamaGenVQ, so a test can compare the two.
-    """
-    published_ch_mult = {"llamagen-vq16": (1, 1, 2, 2, 4), "llamagen-vq8": (1, 2, 2, 4)}
-    if name not in published_ch_mult:
-        raise UserError(f"unknown LlamaGen tokenizer '{name}'; choose from: {', '.join(published_ch_mult)}")
-    ch_mult, ch, z, K, d, blocks = published_ch_mult[name], 128, 256, 16384, 8, 2
-    shapes = {}
-
-    def conv(key, c_in, c_out, k):
-        shapes[f"{key}.weight"], shapes[f"{key}.bias"] = (c_out, c_in, k, k), (c_out,)
-
-    def norm(key, c):
-        shapes[f"{key}.weight"], shapes[f"{key}.bias"] = (c,), (c,)
-
-    def res(key, c_in, c_out):
-        norm(f"{key}.norm1", c_in)
-        conv(f"{key}.conv1", c_in, c_out, 3)
-        norm(f"{key}.norm2", c_out)
-        conv(f"{key}.conv2", c_out, c_out, 3)
-        if c_in != c_out:
-            conv(f"{key}.nin_shortcut", c_in, c_out, 1)
-
-    def attn(key, c):
-        norm(f"{key}.norm", c)
-        for part in ("q", "k", "v", "proj_out"):
-            conv(f"{key}.{part}", c, c, 1)
-
-    last = len(ch_mult) - 1
-    # encoder: levels 0 .. last at falling resolution
-    conv("encoder.conv_in", 3, ch, 3)
-    c = ch
-    for i, m in enumerate(ch_mult):
-        for j in range(blocks):
-            res(f"encoder.conv_blocks.{i}.res.{j}", c, ch * m)
-            c = ch * m
-            if i == last:
-                attn(f"encoder.conv_blocks.{i}.attn.{j}", c)
-        if i != last:
-            conv(f"encoder.conv_blocks.{i}.downsample.conv", c, c, 3)
-    res("encoder.mid.0", c, c)
-    attn("encoder.mid.1", c)
-    res("encoder.mid.2", c, c)
-    norm("encoder.norm_out", c)
-    conv("encoder.conv_out", c, z, 3)
-    # decoder: stored lowest resolution first
-    c = ch * ch_mult[last]
-    conv("decoder.conv_in", z, c, 3)
-    res("decoder.mid.0", c, c)
-    attn("decoder.mid.1", c)
-    res("decoder.mid.2", c, c)
-    for idx, m in enumerate(reversed(ch_mult)):
-        for j in range(blocks + 1):
-            res(f"decoder.conv_blocks.{idx}.res.{j}", c, ch * m)
-            c = ch * m
-            if idx == 0:
-                attn(f"decoder.conv_blocks.{idx}.attn.{j}", c)
-        if idx != last:
-            conv(f"decoder.conv_blocks.{idx}.upsample.conv", c, c, 3)
-    norm("decoder.norm_out", c)
-    conv("decoder.conv_out", c, 3, 3)
-    # quantizer and the 1 x 1 convs around it
-    shapes["quantize.embedding.weight"] = (K, d)
-    shapes["quantize.codebook_used"] = (65536,)
-    conv("quant_conv", z, d, 1)
-    conv("post_quant_conv", d, z, 1)
-    return shapes
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Loading a published checkpoint
 # ----------------------------------------------------------------------------------------------------------
+
+def state_dict_shapes(name):
+    """{key: shape} of the tokenizer `name`'s state dict, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in LlamaGenVQ(**LLAMAGEN_CONFIGS[name]).state_dict().items()}
+
 
 def _first_few(keys, n=3):
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _read_checkpoint(path):
-    """torch.load without running pickled code: tensors, plain containers and numbers only, plus the argparse
-    Namespace that LlamaGen's training script stores under "args"."""
-    allow_args = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    try:
-        with allow_args([argparse.Namespace]) if allow_args else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except EOFError:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (empty or truncated file)") from None
-    except Exception as e:  # torch raises several types for corrupt, truncated or non-checkpoint files
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        lines = [line.strip() for line in str(e).splitlines()]
-        reasons = [line for line in lines if line and not line.startswith(boilerplate)]
-        reason = reasons[0].split(". ")[0][:200] if reasons else type(e).__name__  # its first sentence
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+def check_state_dict(name, found, where):
+    """ValueError, naming `where`, unless `found` ({key: shape}) is the state dict of tokenizer `name`."""
+    wanted = state_dict_shapes(name)
+    if found == wanted:
+        return
+    for other in LLAMAGEN_CONFIGS:
+        if other != name and found == state_dict_shapes(other):
+            raise ValueError(f"{where}: this is a {other} checkpoint, not {name}")
+    missing, unexpected = wanted.keys() - found.keys(), found.keys() - wanted.keys()
+    if missing:
+        raise ValueError(f"{where}: not a {name} checkpoint: missing keys {_first_few(missing)}")
+    if unexpected:
+        raise ValueError(f"{where}: not a {name} checkpoint: unexpected keys {_first_few(unexpected)}")
+    key = next(k for k in wanted if wanted[k] != found[k])
+    raise ValueError(f"{where}: {key} has shape {found[key]}, but {name} expects {wanted[key]}")
 
 
 def load_llamagen(name, ckpt_path, device="cpu"):
     """The tokenizer `name` (a key of LLAMAGEN_CONFIGS) with the weights of `ckpt_path`, frozen, in eval mode.
 
-    Accepts the published layout ({"model": state_dict, ...}) or a bare state dict. Raises UserError naming the
-    file for a missing or unreadable file, missing or unexpected keys, or a tensor of the wrong shape.
+    Accepts the published layout ({"model": state_dict, ...}) or a bare state dict. Raises FileNotFoundError or
+    ValueError naming the file for a missing or unreadable file, missing or unexpected keys, or a tensor of the
+    wrong shape. The file is read without running pickled code: tensors, plain containers and numbers only,
+    plus the argparse Namespace that LlamaGen's training script stores under "args".
     """
     if name not in LLAMAGEN_CONFIGS:
-        raise UserError(f"unknown LlamaGen tokenizer '{name}'; choose from: {', '.join(LLAMAGEN_CONFIGS)}")
-    expected_file = f"LlamaGen's {CHECKPOINT_FILES[name]} ({CHECKPOINT_URL.format(CHECKPOINT_FILES[name])})"
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"{ckpt_path}: no such file; expected {expected_file}")
-    checkpoint = _read_checkpoint(ckpt_path)
+        raise ValueError(f"unknown LlamaGen tokenizer '{name}'; choose from: {', '.join(LLAMAGEN_CONFIGS)}")
+    expected = f"LlamaGen's {CHECKPOINT_FILES[name]} ({CHECKPOINT_URL.format(CHECKPOINT_FILES[name])})"
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+        checkpoint = files.load_torch(ckpt_path, expected)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{ckpt_path}: expected a state dict of tensors, or one under 'model', as in {expected_file}")
+        raise ValueError(f"{ckpt_path}: expected a state dict of tensors, or one under 'model', as in {expected}")
+    check_state_dict(name, {k: tuple(v.shape) for k, v in state.items()}, ckpt_path)
 
     with torch.device("meta"):
         model = LlamaGenVQ(**LLAMAGEN_CONFIGS[name])
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != wanted:
-        for other in LLAMAGEN_CONFIGS:
-            if other != name and found == expected_state_dict_shapes(other):
-                raise UserError(f"{ckpt_path}: this is a {other} checkpoint, not {name}")
-        missing, unexpected = wanted.keys() - found.keys(), found.keys() - wanted.keys()
-        if missing:
-            raise UserError(f"{ckpt_path}: not a {name} checkpoint: missing keys {_first_few(missing)}")
-        if unexpected:
-            raise UserError(f"{ckpt_path}: not a {name} checkpoint: unexpected keys {_first_few(unexpected)}")
-        key = next(k for k in wanted if wanted[k] != found[k])
-        raise UserError(f"{ckpt_path}: {key} has shape {found[key]}, but {name} expects {wanted[key]}")
-
     model.load_state_dict(state, assign=True)
     return model.float().to(device).eval().requires_grad_(False)

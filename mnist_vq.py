@@ -278,11 +278,14 @@ def load(path, device="cpu"):
     if kind != KIND or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"{path}: checkpoint of kind {kind!r}; expected {expected}")
     config = ckpt["config"]
-    if set(config) != {"num_codes", "code_dim", "channels"}:
-        raise ValueError(f"{path}: config {sorted(config)}; expected num_codes, code_dim, channels")
+    positive_int = lambda x: isinstance(x, int) and x > 0
+    if (set(config) != {"num_codes", "code_dim", "channels"} or not positive_int(config["num_codes"])
+            or not positive_int(config["code_dim"]) or not isinstance(config["channels"], (list, tuple))
+            or len(config["channels"]) != 3 or not all(map(positive_int, config["channels"]))):
+        raise ValueError(f"{path}: config {config}; expected num_codes, code_dim and 3 channels, positive integers")
     model = MnistVQ(**config)
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt["model"].items() if torch.is_tensor(v)}
+    found = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in ckpt["model"].items()}
     if found != wanted:
         bad = sorted(set(wanted) ^ set(found)) or [k for k in wanted if wanted[k] != found[k]]
         raise ValueError(f"{path}: weights do not fit its config (first mismatch: {bad[0]})")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import vq
 from conftest import FASHION_MNIST
 
 
@@ -38,7 +39,7 @@ def test_uncompressed_copy_reads_the_same(tmp_path):
 ])
 def test_broken_files_name_the_file(tmp_path, damage, message):
     d = _copy_split(tmp_path, damage)
-    with pytest.raises(data.UserError, match="t10k-images-idx3-ubyte") as e:
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte") as e:
         data.load_mnist("fashion-mnist", d, "test")
     assert message in str(e.value)
 
@@ -46,14 +47,16 @@ def test_broken_files_name_the_file(tmp_path, damage, message):
 def test_corrupt_gzip_and_missing_files(tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 50)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"")
-    with pytest.raises(data.UserError, match="corrupt gzip"):
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: corrupt gzip"):
         data.load_mnist("fashion-mnist", str(tmp_path), "test")
-    with pytest.raises(data.UserError, match="train-images-idx3-ubyte.*missing fashion-mnist train file"):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*missing fashion-mnist train file"):
         data.load_mnist("fashion-mnist", str(tmp_path), "train")
-    with pytest.raises(data.UserError, match="no such directory"):
+    with pytest.raises(FileNotFoundError, match="nope: no such directory"):
         data.load_mnist("mnist", str(tmp_path / "nope"), "train")
-    with pytest.raises(data.UserError, match="unknown dataset 'cifar'"):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         data.load_mnist("cifar", str(tmp_path), "train")
+    with pytest.raises(OSError, match="inside-a-file: cannot read"):
+        data.read_idx(str(tmp_path / "t10k-labels-idx1-ubyte" / "inside-a-file"))
 
 
 def test_code_set_round_trip_across_shards(tmp_path):
@@ -73,15 +76,25 @@ def test_code_set_round_trip_across_shards(tmp_path):
 
 
 def test_code_set_errors(tmp_path):
-    with pytest.raises(data.UserError, match="meta.json: missing"):
+    with pytest.raises(FileNotFoundError, match="meta.json: missing; expected a code set"):
         data.CodeSet(str(tmp_path))
     data.write_shard(str(tmp_path), 0, np.zeros((2, 1, 3, 3)), np.zeros(2))
     data.write_meta(str(tmp_path), np.zeros((10, 4)), 1, grid=[3, 3], num_classes=0, views=1)
+    assert (tmp_path / "meta.json").read_text().endswith("}\n")
+    np.save(tmp_path / "labels-00000.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="labels-00000.npy: expected 2 labels"):
+        data.CodeSet(str(tmp_path))
+    (tmp_path / "codes-00000.npy").write_bytes(b"\x93NUMPY but cut short")
+    with pytest.raises(ValueError, match="codes-00000.npy: not a readable .npy file"):
+        data.CodeSet(str(tmp_path))
     os.remove(tmp_path / "codes-00000.npy")
-    with pytest.raises(data.UserError, match="missing or corrupt"):
+    with pytest.raises(FileNotFoundError, match="codes-00000.npy: missing"):
+        data.CodeSet(str(tmp_path))
+    (tmp_path / "meta.json").write_text('{"format": "purrception-codes/1"}')
+    with pytest.raises(ValueError, match="meta.json: no num_codes, code_dim"):
         data.CodeSet(str(tmp_path))
     (tmp_path / "meta.json").write_text("{not json")
-    with pytest.raises(data.UserError, match="unreadable"):
+    with pytest.raises(ValueError, match="meta.json: not readable JSON"):
         data.CodeSet(str(tmp_path))
     with pytest.raises(ValueError, match="uint16"):
         data.write_shard(str(tmp_path), 1, np.full((1, 1, 2, 2), 70000), np.zeros(1))
@@ -89,7 +102,6 @@ def test_code_set_errors(tmp_path):
 
 def test_download_fetches_the_four_files(tmp_path, monkeypatch):
     """--download through the real code path, from a file:// mirror of the Debian copy (no network here)."""
-    import vq
     monkeypatch.setitem(data.DOWNLOAD_URLS, "fashion-mnist", f"file://{FASHION_MNIST}/")
     target = tmp_path / "fmnist"
     vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(target), "--download", "--out",
@@ -97,5 +109,5 @@ def test_download_fetches_the_four_files(tmp_path, monkeypatch):
     assert sorted(os.listdir(target)) == sorted(s + ".gz" for pair in data.MNIST_FILES.values() for s in pair)
     assert (tmp_path / "run" / "tokenizer.pt").exists()
     monkeypatch.setitem(data.DOWNLOAD_URLS, "fashion-mnist", f"file://{tmp_path}/nowhere/")
-    with pytest.raises(data.UserError, match="cannot download"):
+    with pytest.raises(OSError, match="cannot download"):
         data.load_mnist("fashion-mnist", str(tmp_path / "other"), "train", download=True)

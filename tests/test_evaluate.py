@@ -3,8 +3,6 @@ scored by a classifier trained on a slice of the training split."""
 
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import tokenizers
 from conftest import FASHION_MNIST, run_cli
 
 
@@ -103,10 +102,15 @@ def test_classifier_training_repeats_exactly():
 def test_bad_classifier_files_are_errors_not_retrained(classifier, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(data.UserError, match="broken.pt: not a readable classifier file.*delete it"):
+    with pytest.raises(ValueError, match="broken.pt: not a readable PyTorch file.*a classifier file.*delete it"):
         evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(broken))
-    with pytest.raises(data.UserError, match="a classifier of fashion-mnist, not of mnist"):
+    with pytest.raises(ValueError, match="a classifier of fashion-mnist, not of mnist"):
         evaluate.load_classifier("mnist", FASHION_MNIST, classifier[0])
+    record = torch.load(classifier[0], weights_only=True)
+    record["model"]["head.weight"] = torch.zeros(3, 128)
+    torch.save(record, tmp_path / "misfit.pt")
+    with pytest.raises(ValueError, match="misfit.pt: its weights do not fit the classifier.*delete it"):
+        evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(tmp_path / "misfit.pt"))
 
 
 def test_default_classifier_path_honours_xdg_cache_home(monkeypatch):
@@ -159,8 +163,8 @@ def test_real_training_images_without_labels(classifier, test_split):
     (np.zeros((4, 28, 28, 1), np.uint8), np.zeros(3, np.int64), "expected 4 integer labels"),
     (np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 2, 10]), r"labels must lie in \[0, 10\)"),
 ])
-def test_bad_images_are_user_errors(images, labels, message):
-    with pytest.raises(data.UserError, match=message):
+def test_bad_images_are_value_errors(images, labels, message):
+    with pytest.raises(ValueError, match=message):
         evaluate.evaluate_images(images, labels, "fashion-mnist", FASHION_MNIST)
 
 
@@ -211,9 +215,7 @@ def _write_samples(path, images, labels=None, key="arr_0"):
 def test_cli_scores_samples_and_a_tokenizer(classifier, test_split, tmp_path, monkeypatch, capsys):
     images, labels = test_split
     npz = _write_samples(tmp_path / "samples.npz", images[:500, :, :, None], labels[:500])
-    fake_vq = types.ModuleType("vq")
-    fake_vq.load_tokenizer = lambda path: BlockTokenizer()
-    monkeypatch.setitem(sys.modules, "vq", fake_vq)
+    monkeypatch.setattr(tokenizers, "load", lambda path: BlockTokenizer())
     (tmp_path / "tokenizer.pt").write_bytes(b"")
     evaluate.main(["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
                    "--classifier", classifier[0], "--reference-tokenizer", str(tmp_path / "tokenizer.pt")])
@@ -249,9 +251,10 @@ def test_cli_on_a_missing_file_prints_one_line_and_exits_2(tmp_path):
 @pytest.mark.parametrize("case,message", [
     ("no arr_0", "no array 'arr_0' (found: images, settings)"),
     ("wrong shape", "expected MNIST-sized uint8 images (N, 28, 28, 1), got uint8 (4, 32, 32, 3)"),
-    ("not an npz", "not a readable .npz file"),
-    ("wrong data dir", "no such directory"),
-    ("broken classifier", "not a readable classifier file"),
+    ("not an npz", "samples.npz: not a readable .npz file"),
+    ("wrong data dir", "nowhere: no such directory"),
+    ("broken classifier", "c.pt: not a readable PyTorch file"),
+    ("missing tokenizer", "none.pt: no such file; expected a tokenizer written by `python vq.py train`"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
     npz = tmp_path / "samples.npz"
@@ -268,6 +271,8 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
     elif case == "broken classifier":
         (tmp_path / "c.pt").write_bytes(b"\x00" * 10)
         args += ["--classifier", str(tmp_path / "c.pt")]
+    elif case == "missing tokenizer":
+        args = args[2:] + ["--reference-tokenizer", str(tmp_path / "none.pt")]
     with pytest.raises(SystemExit) as e:
         evaluate.main(args)
     err = capsys.readouterr().err.strip().splitlines()

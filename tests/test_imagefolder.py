@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import sample
+import tokenizers
 import train
 import vq
 from conftest import run_cli
@@ -51,9 +52,9 @@ def test_codes_hold_both_flips_of_the_center_crop(tree, codes):
     cs = data.CodeSet(str(codes))
     assert len(cs) == 10 and cs.views == 2 and cs.grid == (2, 2) and cs.num_classes == 2
     assert cs.meta["shard_sizes"] == [3, 3, 3, 1] and cs.meta["class_names"] == ["n01440764", "n01443537"]
-    tokenizer = vq.load_tokenizer("llamagen-vq16", str(tree / "vq_ds16_c2i.pt"))
+    tokenizer = tokenizers.load("llamagen-vq16", str(tree / "vq_ds16_c2i.pt"))
     paths, labels, _ = data.list_imagefolder(str(tree / "train"))
-    images = torch.stack([torch.from_numpy(data.ImageFolderImages(paths, labels, 32)[i][0]) for i in range(10)])
+    images = torch.stack([data.read_image(path, 32) for path in paths])  # (10, 3, 32, 32)
     plain, flipped = cs.get(np.arange(10), np.zeros(10, int)), cs.get(np.arange(10), np.ones(10, int))
     assert np.array_equal(plain[0], tokenizer.encode(images).numpy())
     assert np.array_equal(flipped[0], tokenizer.encode(images.flip(3)).numpy())
@@ -101,3 +102,19 @@ def test_bad_input(tree, tmp_path):
     rc, _, err = run_cli("vq.py", *args)
     assert rc == 2 and "not a multiple of the tokenizer's downsampling factor 16" in err
     assert not (tmp_path / "c" / "meta.json").exists()
+
+
+def test_an_unreadable_image_is_one_line_from_a_worker(tree, tmp_path):
+    root = tmp_path / "train"
+    (root / "n01440764").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (40, 40)).save(root / "n01440764" / f"{i}.png")
+    (root / "n01440764" / "1.png").write_bytes(b"not a png")
+    args = encode_args(tree, tmp_path / "c")
+    args[args.index("--data-dir") + 1], args[args.index("--workers") + 1] = str(root), "1"
+    rc, _, err = run_cli("vq.py", *args)
+    bad = root / "n01440764" / "1.png"
+    assert rc == 2 and "Traceback" not in err  # above the error: only the progress bar
+    assert err.strip().splitlines()[-1] == f"error: {bad}: not a readable image (cannot identify image file '{bad}')"
+    item = data.ImageFolderImages([str(root / "n01440764" / "1.png")], [0], 32)[0]
+    assert item[0].shape == (3, 32, 32) and item[1] == 0 and "1.png: not a readable image" in item[2]

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import UserError
-from llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, expected_state_dict_shapes, load_llamagen
+from llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, load_llamagen
 
 NAMES = list(LLAMAGEN_CONFIGS)
 
@@ -46,6 +45,90 @@ def vq16_ckpt(models, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The published checkpoints' layout, written from LlamaGen's tokenizer/tokenizer_image/vq_model.py
+# ----------------------------------------------------------------------------------------------------------
+# VQ_16 and VQ_8 there are VQModel(ModelArgs(encoder_ch_mult=decoder_ch_mult=...)) with ch 128, 2 res blocks a
+# level, z_channels 256 and a 16384 x 8 codebook; `codebook_show_usage` registers quantize.codebook_used, 65536
+# floats. vq_ds16_c2i.pt and vq_ds8_c2i.pt hold VQModel.state_dict() under "model".
+
+PUBLISHED_CH_MULT = {"llamagen-vq16": [1, 1, 2, 2, 4], "llamagen-vq8": [1, 2, 2, 4]}
+
+
+def published_shapes(name):
+    """{key: shape} of VQModel.state_dict() for VQ_16 or VQ_8, key by key as vq_model.py creates them."""
+    ch_mult, ch, z_channels, n_e, e_dim, num_res_blocks = PUBLISHED_CH_MULT[name], 128, 256, 16384, 8, 2
+    last = len(ch_mult) - 1
+    shapes = {}
+
+    def conv2d(prefix, c_in, c_out, kernel):  # nn.Conv2d(c_in, c_out, kernel): weight and bias
+        shapes[prefix + ".weight"] = (c_out, c_in, kernel, kernel)
+        shapes[prefix + ".bias"] = (c_out,)
+
+    def normalize(prefix, c):  # Normalize(c): nn.GroupNorm(32, c, affine=True)
+        shapes[prefix + ".weight"] = (c,)
+        shapes[prefix + ".bias"] = (c,)
+
+    def resnet_block(prefix, c_in, c_out):  # ResnetBlock(c_in, c_out), conv_shortcut=False
+        normalize(prefix + ".norm1", c_in)
+        conv2d(prefix + ".conv1", c_in, c_out, 3)
+        normalize(prefix + ".norm2", c_out)
+        conv2d(prefix + ".conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv2d(prefix + ".nin_shortcut", c_in, c_out, 1)
+
+    def attn_block(prefix, c):  # AttnBlock(c)
+        normalize(prefix + ".norm", c)
+        conv2d(prefix + ".q", c, c, 1)
+        conv2d(prefix + ".k", c, c, 1)
+        conv2d(prefix + ".v", c, c, 1)
+        conv2d(prefix + ".proj_out", c, c, 1)
+
+    # Encoder: in_ch_mult = (1,) + ch_mult; attention at the last level only; a Downsample conv on every other
+    conv2d("encoder.conv_in", 3, ch, 3)
+    in_ch_mult = [1] + ch_mult
+    for i_level in range(len(ch_mult)):
+        block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+        for i_block in range(num_res_blocks):
+            resnet_block(f"encoder.conv_blocks.{i_level}.res.{i_block}", block_in, block_out)
+            block_in = block_out
+            if i_level == last:
+                attn_block(f"encoder.conv_blocks.{i_level}.attn.{i_block}", block_in)
+        if i_level != last:
+            conv2d(f"encoder.conv_blocks.{i_level}.downsample.conv", block_in, block_in, 3)
+    resnet_block("encoder.mid.0", block_in, block_in)
+    attn_block("encoder.mid.1", block_in)
+    resnet_block("encoder.mid.2", block_in, block_in)
+    normalize("encoder.norm_out", block_in)
+    conv2d("encoder.conv_out", block_in, z_channels, 3)
+
+    # Decoder: conv_blocks appended for i_level = last, ..., 0, so conv_blocks.0 is the lowest resolution;
+    # num_res_blocks + 1 res blocks a level, attention where i_level == last, an Upsample conv where i_level != 0
+    block_in = ch * ch_mult[last]
+    conv2d("decoder.conv_in", z_channels, block_in, 3)
+    resnet_block("decoder.mid.0", block_in, block_in)
+    attn_block("decoder.mid.1", block_in)
+    resnet_block("decoder.mid.2", block_in, block_in)
+    for position, i_level in enumerate(reversed(range(len(ch_mult)))):
+        block_out = ch * ch_mult[i_level]
+        for i_block in range(num_res_blocks + 1):
+            resnet_block(f"decoder.conv_blocks.{position}.res.{i_block}", block_in, block_out)
+            block_in = block_out
+            if i_level == last:
+                attn_block(f"decoder.conv_blocks.{position}.attn.{i_block}", block_in)
+        if i_level != 0:
+            conv2d(f"decoder.conv_blocks.{position}.upsample.conv", block_in, block_in, 3)
+    normalize("decoder.norm_out", block_in)
+    conv2d("decoder.conv_out", block_in, 3, 3)
+
+    # VectorQuantizer(n_e, e_dim, ...) and the 1 x 1 convs of VQModel
+    shapes["quantize.embedding.weight"] = (n_e, e_dim)
+    shapes["quantize.codebook_used"] = (65536,)
+    conv2d("quant_conv", z_channels, e_dim, 1)
+    conv2d("post_quant_conv", e_dim, z_channels, 1)
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Architecture against the published checkpoint's layout
 # ----------------------------------------------------------------------------------------------------------
 
@@ -54,7 +137,7 @@ def test_state_dict_matches_published_layout(name):
     with torch.device("meta"):
         model = LlamaGenVQ(**LLAMAGEN_CONFIGS[name])
     found = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    expected = expected_state_dict_shapes(name)
+    expected = published_shapes(name)
     assert found.keys() == expected.keys(), (sorted(found.keys() - expected.keys())[:5],
                                              sorted(expected.keys() - found.keys())[:5])
     assert found == expected
@@ -66,7 +149,7 @@ def test_state_dict_matches_published_layout(name):
 def test_parameter_count_matches_published_table(name):
     with torch.device("meta"):
         model = LlamaGenVQ(**LLAMAGEN_CONFIGS[name])
-    table = sum(math.prod(s) for k, s in expected_state_dict_shapes(name).items() if k != "quantize.codebook_used")
+    table = sum(math.prod(s) for k, s in published_shapes(name).items() if k != "quantize.codebook_used")
     count = sum(p.numel() for p in model.parameters())
     assert count == table  # 71,883,403 for VQ-16, 70,109,835 for VQ-8
     assert abs(count - PUBLISHED_PARAMS[name]) < 0.05 * PUBLISHED_PARAMS[name]
@@ -151,57 +234,57 @@ def test_load_accepts_a_bare_state_dict_and_training_extras(models, images, tmp_
 
 def test_load_errors_name_the_path(models, vq16_ckpt, tmp_path):
     missing = tmp_path / "nowhere.pt"
-    with pytest.raises(UserError, match=f"{missing}: no such file.*vq_ds16_c2i.pt"):
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no such file.*vq_ds16_c2i.pt"):
         load_llamagen("llamagen-vq16", str(missing))
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(UserError, match=f"{junk}: not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=f"{junk}: not a readable PyTorch file"):
         load_llamagen("llamagen-vq16", str(junk))
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(vq16_ckpt.read_bytes()[: 1 << 20])
-    with pytest.raises(UserError, match=f"{truncated}: not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=f"{truncated}: not a readable PyTorch file"):
         load_llamagen("llamagen-vq16", str(truncated))
 
     code = tmp_path / "code.pt"
     torch.save({"model": models["llamagen-vq16"].state_dict(), "hook": CallsAFunction()}, code)
-    with pytest.raises(UserError, match=f"{code}: not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=f"{code}: not a readable PyTorch file"):
         load_llamagen("llamagen-vq16", str(code))
 
     vq8 = tmp_path / "vq_ds8_c2i.pt"
     torch.save({"model": models["llamagen-vq8"].state_dict()}, vq8)
-    with pytest.raises(UserError, match=f"{vq8}: this is a llamagen-vq8 checkpoint, not llamagen-vq16"):
+    with pytest.raises(ValueError, match=f"{vq8}: this is a llamagen-vq8 checkpoint, not llamagen-vq16"):
         load_llamagen("llamagen-vq16", str(vq8))
 
     state = dict(models["llamagen-vq16"].state_dict())
     del state["decoder.conv_blocks.0.attn.2.q.weight"]
     one_short = tmp_path / "one_short.pt"
     torch.save({"model": state}, one_short)
-    with pytest.raises(UserError, match=f"{one_short}: .*missing keys decoder.conv_blocks.0.attn.2.q.weight"):
+    with pytest.raises(ValueError, match=f"{one_short}: .*missing keys decoder.conv_blocks.0.attn.2.q.weight"):
         load_llamagen("llamagen-vq16", str(one_short))
 
     state = dict(models["llamagen-vq16"].state_dict())
     state["quantize.embedding.weight"] = torch.zeros(16384, 4)
     wrong_shape = tmp_path / "wrong_shape.pt"
     torch.save({"model": state}, wrong_shape)
-    with pytest.raises(UserError, match=rf"{wrong_shape}: quantize.embedding.weight has shape \(16384, 4\), "
+    with pytest.raises(ValueError, match=rf"{wrong_shape}: quantize.embedding.weight has shape \(16384, 4\), "
                                         rf"but llamagen-vq16 expects \(16384, 8\)"):
         load_llamagen("llamagen-vq16", str(wrong_shape))
 
     state = dict(models["llamagen-vq16"].state_dict(), extra_head=torch.zeros(1))
     extra = tmp_path / "extra.pt"
     torch.save(state, extra)
-    with pytest.raises(UserError, match=f"{extra}: .*unexpected keys extra_head"):
+    with pytest.raises(ValueError, match=f"{extra}: .*unexpected keys extra_head"):
         load_llamagen("llamagen-vq16", str(extra))
 
-    with pytest.raises(UserError, match="unknown LlamaGen tokenizer 'vq-32'"):
+    with pytest.raises(ValueError, match="unknown LlamaGen tokenizer 'vq-32'"):
         load_llamagen("vq-32", str(vq16_ckpt))
 
 
 def test_error_messages_are_one_line(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 100)
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ValueError) as info:
         load_llamagen("llamagen-vq16", str(junk))
     assert "\n" not in str(info.value)

@@ -1,5 +1,6 @@
-"""The VQ tokenizer: the quantizer against exact answers, the autoencoder's interface, and both commands of
-vq.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir` fixtures of conftest.py)."""
+"""The MNIST VQ tokenizer (mnist_vq.py): the quantizer against exact answers, the autoencoder's interface and its
+loading; then both commands of vq.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir`
+fixtures of conftest.py) and their one-line errors."""
 
 import json
 import math
@@ -11,15 +12,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import files
+import images
+import mnist_vq
+import tokenizers
 import vq
 from conftest import FASHION_MNIST, run_cli
-from data import UserError
 
 
 # ---- the quantizer ----------------------------------------------------------------------------------------
 
 def test_lookup_picks_the_nearest_code():
-    quantizer = vq.VectorQuantizer(num_codes=64, dim=8).eval()
+    quantizer = mnist_vq.VectorQuantizer(num_codes=64, dim=8).eval()
     z = torch.randn(4, 8, 5, 5) * 3  # (B, d, h, w), any norm
     _, indices, _ = quantizer(z)
     flat = F.normalize(z.double().permute(0, 2, 3, 1).reshape(-1, 8), dim=1)  # (N, d)
@@ -33,7 +37,7 @@ def test_lookup_picks_the_nearest_code():
 
 
 def test_straight_through_gradient_passes_unchanged():
-    quantizer = vq.VectorQuantizer(num_codes=16, dim=4).eval()
+    quantizer = mnist_vq.VectorQuantizer(num_codes=16, dim=4).eval()
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     upstream = torch.randn(2, 4, 3, 3)
     z_q, indices, _ = quantizer(z)
@@ -45,7 +49,7 @@ def test_straight_through_gradient_passes_unchanged():
 
 
 def test_commitment_loss_on_a_known_input():
-    quantizer = vq.VectorQuantizer(num_codes=2, dim=2, beta=0.25).eval()
+    quantizer = mnist_vq.VectorQuantizer(num_codes=2, dim=2, beta=0.25).eval()
     quantizer.embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     angle = math.pi / 6
     z = 3 * torch.tensor([math.cos(angle), math.sin(angle)]).view(1, 2, 1, 1)  # normalised to unit length
@@ -63,16 +67,16 @@ def clusters(centres, n, spread=0.01):
 
 def test_initialisation_finds_every_cluster():
     centres = F.normalize(torch.randn(8, 6), dim=1)
-    quantizer = vq.VectorQuantizer(num_codes=8, dim=6).train()
+    quantizer = mnist_vq.VectorQuantizer(num_codes=8, dim=6).train()
     _, indices, _ = quantizer(clusters(centres, 50))
     assert quantizer.initialized
-    assert vq.codebook_usage(vq.code_counts(indices, 8)) == 1.0
+    assert mnist_vq.codebook_usage(mnist_vq.code_counts(indices, 8)) == 1.0
     similarity = centres @ quantizer.codebook.T  # (8, 8)
     assert torch.all(similarity.max(dim=1).values > 0.99)
 
 
 def test_dead_codes_are_restarted_from_encoder_outputs():
-    quantizer = vq.VectorQuantizer(num_codes=8, dim=4, dead_after=3).train()
+    quantizer = mnist_vq.VectorQuantizer(num_codes=8, dim=4, dead_after=3).train()
     codes = torch.cat([torch.eye(4), -torch.eye(4)])  # the data lie near +e_i: codes 4..7 are never used
     quantizer.embedding.copy_(codes)
     quantizer.ema_sum.copy_(codes)
@@ -92,20 +96,20 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
 
 def test_usage_and_perplexity():
     K = 32
-    uniform = vq.code_counts(torch.arange(K).repeat(3), K)
-    assert vq.perplexity(uniform) == pytest.approx(K, rel=1e-12)
-    assert vq.codebook_usage(uniform) == 1.0
-    single = vq.code_counts(torch.full((5, 7, 7), 3), K)
-    assert vq.perplexity(single) == pytest.approx(1.0, rel=1e-12)
-    assert vq.codebook_usage(single) == 1 / K
+    uniform = mnist_vq.code_counts(torch.arange(K).repeat(3), K)
+    assert mnist_vq.perplexity(uniform) == pytest.approx(K, rel=1e-12)
+    assert mnist_vq.codebook_usage(uniform) == 1.0
+    single = mnist_vq.code_counts(torch.full((5, 7, 7), 3), K)
+    assert mnist_vq.perplexity(single) == pytest.approx(1.0, rel=1e-12)
+    assert mnist_vq.codebook_usage(single) == 1 / K
 
 
 # ---- the autoencoder --------------------------------------------------------------------------------------
 
 def test_autoencoder_interface():
-    model = vq.MnistVQ().eval()
-    images = torch.rand(3, 1, 28, 28) * 2 - 1
-    codes = model.encode(images)
+    model = mnist_vq.MnistVQ().eval()
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    codes = model.encode(x)
     assert codes.dtype == torch.long and codes.shape == (3, 7, 7)
     assert codes.min() >= 0 and codes.max() < 256
     decoded = model.decode(codes)
@@ -114,7 +118,7 @@ def test_autoencoder_interface():
     assert model.codebook.shape == (256, 8) and model.codebook.dtype == torch.float32
     assert torch.allclose(model.codebook.norm(dim=1), torch.ones(256))
     assert model.grid_size == 7 and model.image_shape == (1, 28, 28)
-    reconstruction, indices, loss = model.train()(images)
+    reconstruction, indices, loss = model.train()(x)
     assert reconstruction.shape == (3, 1, 28, 28) and indices.shape == (3, 7, 7) and loss.dim() == 0
 
 
@@ -128,11 +132,11 @@ def test_train_writes_a_run(tokenizer_run):
     assert metrics["test_psnr"] == pytest.approx(10 * math.log10(4 / metrics["test_mse"]))  # peak-to-peak 2
     assert 0 < metrics["test_usage"] <= 1 and 1 <= metrics["test_perplexity"] <= 256
     with Image.open(tokenizer_run / "recon.png") as preview:  # 10 classes, originals above reconstructions
-        assert preview.size == (4 * (10 * 28 + 9 * 4), 4 * (2 * 28 + 4))
-    tokenizer = vq.load_tokenizer(str(tokenizer_run / "tokenizer.pt"))
+        assert preview.size == (4 * (10 * 30 + 2), 4 * (2 * 30 + 2))  # 28-pixel images, 2-pixel borders, x4
+    tokenizer = tokenizers.load(str(tokenizer_run / "tokenizer.pt"))
     assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
     ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
-    assert ckpt["kind"] == vq.MNIST_KIND and ckpt["metrics"] == metrics
+    assert ckpt["kind"] == mnist_vq.KIND and ckpt["metrics"] == metrics
 
 
 def test_train_flags(tmp_path):
@@ -140,7 +144,7 @@ def test_train_flags(tmp_path):
         vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out),
                  "--steps", "3", "--batch-size", "32", "--limit", "64", "--lr", "1e-3", "--codebook-size", "64",
                  "--seed", str(seed), "--download"])  # the files are there: --download fetches nothing
-        return vq.load_tokenizer(str(out / "tokenizer.pt"))
+        return tokenizers.load(str(out / "tokenizer.pt"))
 
     first, again = run(tmp_path / "a", 3), run(tmp_path / "b", 3)
     assert first.codebook.shape == (64, 8)
@@ -150,14 +154,14 @@ def test_train_flags(tmp_path):
 
 def test_encode_writes_the_tokenizers_codes(tokenizer_run, codes_dir):
     codes = data.CodeSet(str(codes_dir))
-    tokenizer = vq.load_tokenizer(str(tokenizer_run / "tokenizer.pt"))
-    images, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
-    expected = torch.cat([tokenizer.encode(vq.to_float(images[:512][lo:lo + 500])) for lo in range(0, 512, 500)])
+    tokenizer = tokenizers.load(str(tokenizer_run / "tokenizer.pt"))
+    pixels, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    expected = torch.cat([tokenizer.encode(images.to_float(pixels[lo:min(lo + 500, 512)])) for lo in (0, 500)])
     stored, stored_labels = codes.get(np.arange(512))
     assert len(codes) == 512 and codes.views == 1 and codes.grid == (7, 7) and codes.num_classes == 10
     assert np.array_equal(stored, expected.numpy()) and np.array_equal(stored_labels, labels[:512])
     assert np.array_equal(codes.codebook, tokenizer.codebook.numpy())
-    assert codes.meta["tokenizer"] == {"kind": vq.MNIST_KIND, "path": str(tokenizer_run / "tokenizer.pt")}
+    assert codes.meta["tokenizer"] == {"kind": mnist_vq.KIND, "path": str(tokenizer_run / "tokenizer.pt")}
     assert codes.meta["class_names"] == data.CLASS_NAMES["fashion-mnist"] and codes.meta["image_shape"] == [1, 28, 28]
 
 
@@ -176,26 +180,32 @@ def test_encode_refuses_an_existing_code_set_without_force(tokenizer_run, tmp_pa
 
 # ---- loading and user errors ------------------------------------------------------------------------------
 
-def test_load_tokenizer_rejects_bad_files(tmp_path, tokenizer_run):
-    corrupt, wrong_kind = tmp_path / "corrupt.pt", tmp_path / "wrong.pt"
+def test_load_rejects_bad_files(tmp_path, tokenizer_run):
+    corrupt, wrong_kind, wrong_weights = tmp_path / "corrupt.pt", tmp_path / "wrong.pt", tmp_path / "weights.pt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save({"kind": "dit", "model": {}, "config": {}}, wrong_kind)
-    cases = [(tmp_path / "missing.pt", "no such file"), (corrupt, "not a readable checkpoint"),
-             (wrong_kind, "kind 'dit'")]
-    for path, reason in cases:
-        with pytest.raises(UserError) as error:
-            vq.load_tokenizer(str(path))
+    ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
+    del ckpt["model"]["decoder.net.0.weight"]
+    torch.save(ckpt, wrong_weights)
+    expected = "expected a tokenizer written by `python vq.py train`"
+    cases = [(tmp_path / "missing.pt", FileNotFoundError, ["no such file", expected]),
+             (corrupt, ValueError, ["not a readable PyTorch file", expected]),
+             (wrong_kind, ValueError, ["kind 'dit'", expected]),
+             (wrong_weights, ValueError, ["weights do not fit its config (first mismatch: decoder.net.0.weight)"])]
+    for path, kind, reasons in cases:
+        with pytest.raises(kind) as error:
+            tokenizers.load(str(path))
         message = str(error.value)
-        assert str(path) in message and reason in message and "vq.py train" in message and "\n" not in message
+        assert str(path) in message and all(r in message for r in reasons) and "\n" not in message
     path = str(tokenizer_run / "tokenizer.pt")
-    assert vq.load_tokenizer(vq.MNIST_KIND, ckpt=path).codebook.shape == (256, 8)  # by registry name
-    with pytest.raises(UserError, match="needs the path of its weights"):
-        vq.load_tokenizer(vq.MNIST_KIND)
-    with pytest.raises(UserError, match="holds its own weights"):
-        vq.load_tokenizer(path, ckpt=path)
+    assert tokenizers.load(mnist_vq.KIND, ckpt=path).codebook.shape == (256, 8)  # by registry name
+    with pytest.raises(ValueError, match="needs the path of its weights"):
+        tokenizers.load(mnist_vq.KIND)
+    with pytest.raises(ValueError, match="holds its own weights"):
+        tokenizers.load(path, ckpt=path)
 
 
-def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, tokenizer_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "run")])
@@ -205,10 +215,19 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     rc, _, err = run_cli("vq.py", "encode", "--tokenizer", tmp_path / "none.pt", "--dataset", "mnist",
                          "--data-dir", FASHION_MNIST, "--out", tmp_path / "codes")
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "none.pt" in err
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
+    rc, _, err = run_cli("vq.py", "encode", "--tokenizer", tmp_path / "junk.pt", "--dataset", "fashion-mnist",
+                         "--data-dir", FASHION_MNIST, "--out", tmp_path / "codes")
+    assert rc == 2 and err.count("\n") == 1 and f"{tmp_path / 'junk.pt'}: not a readable PyTorch file" in err
     with pytest.raises(SystemExit) as exit_info:
         vq.main(["train", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "run"),
                  "--steps", "0"])
     assert exit_info.value.code == 2 and "--steps 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--tokenizer-ckpt", "x.pt",
+                 "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "codes")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--tokenizer-ckpt goes with a pretrained --tokenizer" in err
 
 
 def test_an_interrupted_write_leaves_no_file(tmp_path):
@@ -216,5 +235,5 @@ def test_an_interrupted_write_leaves_no_file(tmp_path):
         f.write(b"half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        vq.save_atomically(str(tmp_path / "tokenizer.pt"), interrupted)
+        files.atomic_write(str(tmp_path / "tokenizer.pt"), interrupted)
     assert list(tmp_path.iterdir()) == []
