@@ -16,7 +16,10 @@ import torch.distributed as dist
 
 @contextlib.contextmanager
 def processes():
-    """(rank, world_size, device): DDP when torchrun set RANK, else one process on the GPU if there is one."""
+    """(rank, world_size, device): DDP when torchrun set RANK, else one process on the GPU if there is one.
+    On GPUs, float32 matrix products use TF32 (as DiT and nanoGPT do)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return

@@ -8,6 +8,7 @@ half of one. `load_torch` reads a PyTorch file and says in one message which fil
 
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -39,6 +40,11 @@ def save_npy(path, array):
 
 def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def copy(source, path):
+    with open(source, "rb") as src:
+        atomic_write(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def load_torch(path, expected, weights_only=True):

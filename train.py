@@ -17,7 +17,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -206,6 +205,26 @@ def save_checkpoint(path, rank, world, device, batches, **state):
     distributed.barrier(world)
 
 
+def restore(ckpt, rank, world, device, batches, **modules):
+    """Load every module's state, this rank's data position and RNG state from ckpt; returns the step (0 without
+    a checkpoint). A run resumed on another number of ranks restarts the data from rank 0's position."""
+    if ckpt is None:
+        return 0
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    batches.load_state(ckpt["data"][rank] if len(ckpt["data"]) == world else ckpt["data"][0])
+    if len(ckpt["rng"]) == world:
+        distributed.set_rng_state(ckpt["rng"][rank], device)
+    return ckpt["step"]
+
+
+def log(log_file, bar, **record):
+    """One line of log.jsonl, and the loss and throughput beside the progress bar."""
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+
+
 def save_preview(ema, objective, codes, path, device, seed):
     """A quick look during training: 8 EMA samples per class (up to 10 classes), 50 Euler steps."""
     try:
@@ -260,9 +279,6 @@ def _train(args, rank, world, device):
     local_batch = args.batch_size // (world * args.grad_accum)
     ckpt_path = os.path.join(args.out, "checkpoints", "last.pt")
     ckpt = checked_resume(args, codes, ckpt_path)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # Model, EMA, optimizer: the same initial weights on every rank, then each rank its own noise and times
     torch.manual_seed(args.seed)
@@ -279,14 +295,7 @@ def _train(args, rank, world, device):
     precision, autocast = distributed.autocast_context(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batches = Batches(codes, local_batch, rank, world, args.seed)
-    step = 0
-    if ckpt is not None:
-        for module, key in ((raw_model, "model"), (ema, "ema"), (opt, "opt"), (scaler, "scaler")):
-            module.load_state_dict(ckpt[key])
-        step = ckpt["step"]
-        batches.load_state(ckpt["data"][rank] if len(ckpt["data"]) == world else ckpt["data"][0])
-        if len(ckpt["rng"]) == world:
-            distributed.set_rng_state(ckpt["rng"][rank], device)
+    step = restore(ckpt, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler)
     model = torch.compile(raw_model) if args.compile else raw_model  # checkpoints save raw_model: no prefixes
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -297,52 +306,44 @@ def _train(args, rank, world, device):
         save_checkpoint(ckpt_path, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler,
                         step=step, args=vars(args), codebook=codebook, codes_meta=codes.meta)
 
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     loss_by_t, last_time, last_step = LossByT(device), time.time(), step
     labels = codes.num_classes > 0
     raw_model.train()
-    try:
-        with finish_step_on_ctrl_c(world) as stop:
-            while step < args.steps:
-                # One training step
-                lr = learning_rate(step, args.steps, args.lr, args.warmup_steps)
-                micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
-                                 for c, y in (batches.next() for _ in range(args.grad_accum))]
-                grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
-                                       args.grad_clip, args.ema_decay, loss_by_t)
-                step += 1
-                bar.update(1)
+    with (open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else contextlib.nullcontext()) as log_file, \
+            tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as bar, \
+            finish_step_on_ctrl_c(world) as stop:
+        while step < args.steps:
+            # One training step
+            lr = learning_rate(step, args.steps, args.lr, args.warmup_steps)
+            micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
+                             for c, y in (batches.next() for _ in range(args.grad_accum))]
+            grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
+                                   args.grad_clip, args.ema_decay, loss_by_t)
+            step += 1
+            bar.update(1)
 
-                # Logging: all ranks reduce, rank 0 writes
-                if step % args.log_every == 0 or step == args.steps:
-                    loss, by_t = loss_by_t.reduce(step - last_step, world)
-                    rate, last_time, last_step = (step - last_step) / (time.time() - last_time), time.time(), step
-                    if rank == 0:
-                        record = dict(step=step, loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm.item(), 4),
-                                      steps_per_s=round(rate, 3), images_per_s=round(rate * args.batch_size, 1),
-                                      loss_by_t=[round(v, 4) for v in by_t])
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            # Logging: all ranks reduce, rank 0 writes
+            if step % args.log_every == 0 or step == args.steps:
+                loss, by_t = loss_by_t.reduce(step - last_step, world)
+                rate, last_time, last_step = (step - last_step) / (time.time() - last_time), time.time(), step
+                if rank == 0:
+                    log(log_file, bar, step=step, loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm.item(), 4),
+                        steps_per_s=round(rate, 3), images_per_s=round(rate * args.batch_size, 1),
+                        loss_by_t=[round(v, 4) for v in by_t])
 
-                # Checkpoints and previews
-                if step % args.ckpt_every == 0 or step == args.steps or stop:
-                    checkpoint()
-                if args.keep_every and step % args.keep_every == 0 and rank == 0:
-                    shutil.copyfile(ckpt_path, os.path.join(args.out, "checkpoints", f"step-{step:07d}.pt"))
-                if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
-                    save_preview(ema, objective, codes, os.path.join(args.out, "samples", f"step-{step:07d}.png"),
-                                 device, args.seed)
-                if stop:
-                    bar.close()
-                    print(f"\ninterrupted: checkpoint saved at step {step}; rerun with --resume to continue",
-                          file=sys.stderr)
-                    raise KeyboardInterrupt
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
+            # Checkpoints and previews
+            if step % args.ckpt_every == 0 or step == args.steps or stop:
+                checkpoint()
+            if args.keep_every and step % args.keep_every == 0 and rank == 0:
+                files.copy(ckpt_path, os.path.join(args.out, "checkpoints", f"step-{step:07d}.pt"))
+            if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
+                save_preview(ema, objective, codes, os.path.join(args.out, "samples", f"step-{step:07d}.png"),
+                             device, args.seed)
+            if stop:
+                bar.close()
+                print(f"\ninterrupted: checkpoint saved at step {step}; rerun with --resume to continue",
+                      file=sys.stderr)
+                raise KeyboardInterrupt
     if rank == 0:
         print(f"done: {step} steps; checkpoint {ckpt_path}")
 
