@@ -15,6 +15,7 @@ command-line errors (cli.py).
 import gzip
 import json
 import os
+import shutil
 import urllib.request
 
 import numpy as np
@@ -86,10 +87,10 @@ def download_mnist(dataset, data_dir):
                 continue
             url, dest = DOWNLOAD_URLS[dataset] + stem + ".gz", os.path.join(data_dir, stem + ".gz")
             try:
-                urllib.request.urlretrieve(url, dest + ".part")
+                with urllib.request.urlopen(url) as response:
+                    files.atomic_write(dest, lambda f: shutil.copyfileobj(response, f))
             except OSError as e:
                 raise OSError(f"cannot download {url} ({e}); copy the IDX files into {data_dir} instead") from None
-            os.replace(dest + ".part", dest)
 
 
 def load_mnist(dataset, data_dir, split="train", download=False):
