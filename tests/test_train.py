@@ -194,3 +194,21 @@ def test_bad_flags(codes_dir, tmp_path, args, message):
 def test_missing_codes_dir(tmp_path):
     rc, _, err = run_cli("train.py", "--codes", tmp_path / "nope", "--out", tmp_path / "run")
     assert rc == 2 and "nope/meta.json: missing" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("objective", ["purrception", "dfm"])
+def test_logged_loss_and_loss_by_t_at_the_initial_zero_logits(codes_dir, tmp_path, objective):
+    """adaLN-Zero starts every output at 0: with --lr 0 the logits stay 0, so every logged loss (averaged over
+    steps, micro-batches and ranks) and every loss-by-t bin is exactly the cross-entropy of a uniform posterior,
+    log K, plus for Purrception the z-loss 1e-5 * log(K)^2."""
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "6", *SMALL,
+                "--log-every", "3", "--lr", "0", "--grad-accum", "2"])
+    log_k = np.log(256)
+    expected = log_k + (1e-5 * log_k ** 2 if objective == "purrception" else 0)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:
+        assert r["loss"] == pytest.approx(expected, abs=1e-5)
+        filled = [v for v in r["loss_by_t"] if v != 0]  # 48 samples over 10 bins: a bin may stay empty
+        assert len(filled) >= 5 and filled == pytest.approx([expected] * len(filled), abs=1e-4)
