@@ -1,16 +1,34 @@
-"""study.py: every subcommand at --budget tiny writes its table, JSON and figures; bad input is one line."""
+"""study.py and studies/: every subcommand at --budget tiny writes its table, JSON and figures, and its numbers
+are checked against exact answers, bounds that follow from the sample count, or a recomputation through
+sample.py and evaluate.py; bad input is one line."""
 
 import json
+import math
 
+import numpy as np
 import pytest
+import torch
 
 import evaluate
+import flows
+import sample
 import study
-import train
 import vfm
 from conftest import FASHION_MNIST, run_cli
+from studies import common, convergence, solvers, temperature, uncertainty
+from toy import run as toy_run
+from toy.toys import Oracle, make_toy
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+# (steps, NFE) of each solver for an NFE target: Heun's last step is an Euler step (2 * steps - 1 evaluations),
+# midpoint evaluates twice a step and cannot go below 2.
+STEPS_AND_NFE = {
+    "euler": {1: (1, 1), 2: (2, 2), 4: (4, 4), 5: (5, 5), 8: (8, 8), 100: (100, 100)},
+    "heun": {1: (1, 1), 2: (1, 1), 4: (2, 3), 5: (3, 5), 8: (4, 7), 100: (50, 99)},
+    "midpoint": {1: (1, 2), 2: (1, 2), 4: (2, 4), 5: (2, 4), 8: (4, 8), 100: (50, 100)},
+}
+STEPS_AND_NFE["discrete euler"] = STEPS_AND_NFE["euler"]
 
 
 def read_table(path):
@@ -41,6 +59,50 @@ def scoring(classifier):
     return ["--data-dir", FASHION_MNIST, "--classifier", str(classifier)]
 
 
+def sample_py(ckpt, out, *flags):
+    """(images, labels) that `python sample.py --ckpt CKPT FLAGS` writes."""
+    sample.main(["--ckpt", str(ckpt), "--out", str(out), *map(str, flags)])
+    with np.load(out / "samples.npz") as f:
+        return f["arr_0"], f["labels"]
+
+
+def drawn_by(monkeypatch, study_module):
+    """The images of every draw a study makes, in the order of its rows."""
+    drawn = []
+
+    def draw(*args, **kw):
+        images, labels, seconds = common.draw(*args, **kw)
+        drawn.append(images)
+        return images, labels, seconds
+
+    monkeypatch.setattr(study_module, "draw", draw)
+    return drawn
+
+
+def check_row(row, drawn, ckpt, out, classifier, *flags):
+    """A row recomputed the way a user would: its samples are those of `python sample.py FLAGS`, its scores
+    those of evaluate.py on them."""
+    expected, labels = sample_py(ckpt, out, *flags)
+    assert np.array_equal(drawn, expected), flags
+    metrics = evaluate.evaluate_images(expected, labels, "fashion-mnist", FASHION_MNIST,
+                                       classifier_path=str(classifier))
+    assert {k: row[k] for k in ("accuracy", "fid", "coverage")} == dict(
+        accuracy=round(float(metrics["accuracy"]), 4), fid=round(float(metrics["fid"]), 3),
+        coverage=round(float(metrics["coverage"]), 4)), flags
+
+
+def sampling_bound(toy, n):
+    """1/2 sqrt(M / n) >= 1/2 sum_c sqrt(p_c (1 - p_c) / n) >= E TV(n exact draws, p) for M configurations."""
+    return 0.5 * math.sqrt(len(toy.configs) / n)
+
+
+def toy_tv(toy, method, iters, seed, n, steps, solver="euler"):
+    """TV of `method` trained `iters` iterations (the exact posterior for 'oracle'), straight from toy/run.py."""
+    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook)
+    model = Oracle(toy, objective.codebook) if method == "oracle" else toy_run.train(toy, objective, iters, seed)
+    return round(toy.tv(toy_run.sample(toy, objective, model, n, seed, steps=steps, solver=solver)), 4)
+
+
 # ---- the toys --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", [None, "one-run", "per-budget"])
@@ -50,96 +112,157 @@ def test_convergence_on_the_toys(tmp_path, schedule):
     name = "convergence-toy-per-budget" if schedule == "per-budget" else "convergence-toy"
     (header, rows), record = outputs(tmp_path, name)
     assert record["schedule"] == (schedule or "one-run")
-    iters = [str(i) for i in study.CONVERGENCE_TOY["tiny"]["iters"]]
-    assert header == ["toy", "metric", "method"] + iters
+    b = convergence.TOY_BUDGETS["tiny"]
+    assert header == ["toy", "metric", "method"] + [str(i) for i in b["iters"]]
     for toy in ("checkerboard", "pairs"):
         assert [r[2] for r in rows if r[0] == toy and r[1] == "TV"][:4] == list(vfm.OBJECTIVES)
     assert ["checkerboard", "KL", "purrception"] == rows[-1][:3]
-    assert len(record["rows"]) == 2 * 4 * len(iters) and {r["seed"] for r in record["rows"]} == {1}
-    assert all(0 <= r["tv"] <= 1 for r in record["rows"])
+    assert len(record["rows"]) == 2 * 4 * len(b["iters"]) and {r["seed"] for r in record["rows"]} == {1}
+    n, steps = b["num_samples"], b["steps"]
+    for name in b["toys"]:
+        toy, reference = make_toy(name), record["reference"][name]
+        assert reference["exact_draws_tv"] < sampling_bound(toy, n), name
+        assert reference["oracle_tv"] == toy_tv(toy, "oracle", 0, 1, n, steps)
+    # The last point of one run and a run of that length are the same model: both are rows of toy/run.py.
+    last = [r for r in record["rows"] if (r["toy"], r["iters"]) == ("pairs", max(b["iters"]))]
+    assert {r["method"]: r["tv"] for r in last} == {m: toy_tv(make_toy("pairs"), m, max(b["iters"]), 1, n, steps)
+                                                    for m in vfm.OBJECTIVES}
+    if schedule == "per-budget":
+        first = next(r for r in record["rows"] if (r["toy"], r["method"], r["iters"]) ==
+                     ("checkerboard", "cfm", b["iters"][0]))
+        assert first["tv"] == toy_tv(make_toy("checkerboard"), "cfm", b["iters"][0], 1, n, steps)
     kl = [r for r in record["rows"] if "kl" in r]
-    assert len(kl) == len(iters) and all(set(r["kl_by_t"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"} for r in kl)
+    assert len(kl) == len(b["iters"]) and all(set(r["kl_by_t"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"} for r in kl)
+    assert all(v >= 0 for r in kl for v in r["kl_by_t"].values())  # KL(exact || learned) >= 0
+    assert all(r["kl"] == pytest.approx(np.mean(list(r["kl_by_t"].values())), abs=1e-4) for r in kl)
 
 
 def test_solvers_on_the_toy(tmp_path):
     study.main(["solvers", "--budget", "tiny", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "solvers-toy")
-    nfe = study.SOLVERS_TOY["tiny"]["nfe"]
-    assert header == ["toy", "model", "solver", *(f"NFE {n}" for n in nfe), "µs/sample/NFE"]
-    assert len(rows) == 2 * (3 + 3 + 1) and len(record["rows"]) == len(rows) * len(nfe)
-    heun = {f"{r['tv']:.3f} ({r['nfe']})" for r in record["rows"] if r["solver"] == "heun"}
-    assert heun == {c for r in rows if r[2] == "heun" for c in r[3:-1]}  # Heun's odd NFE in brackets
-    assert {(r[0], r[1], r[2]) for r in rows} == {(toy, m, s) for toy in ("checkerboard", "pairs") for m, s in
+    b = solvers.TOY_BUDGETS["tiny"]
+    assert header == ["toy", "model", "solver", *(f"NFE {n}" for n in b["nfe"]), "µs/sample/NFE"]
+    assert len(rows) == 2 * (3 + 3 + 1) and len(record["rows"]) == len(rows) * len(b["nfe"])
+    assert [(r[0], r[1], r[2]) for r in rows] == [(toy, m, s) for toy in ("checkerboard", "pairs") for m, s in
                                                   [(m, s) for m in ("oracle", "purrception") for s in vfm.SOLVERS] +
-                                                  [("dfm", "discrete euler")]}
+                                                  [("dfm", "discrete euler")]]
     for r in record["rows"]:
-        solver = "euler" if r["solver"] == "discrete euler" else r["solver"]
-        assert r["nfe"] == vfm.num_evaluations(r["steps"], solver) <= r["nfe_target"] or r["steps"] == 1
+        assert (r["steps"], r["nfe"]) == STEPS_AND_NFE[r["solver"]][r["nfe_target"]], r
+    for r in rows:  # the NFE a solver used, in brackets, where it misses the target: Heun's 1 and 3
+        brackets = [cell.partition(" ")[2] for cell in r[3:-1]]
+        assert brackets == (["(1)", "(3)"] if r[2] == "heun" else ["", ""]), r
+    for name in b["toys"]:
+        assert record["exact_draws_tv"][name] < sampling_bound(make_toy(name), b["num_samples"])
+    heun = next(r for r in record["rows"] if (r["toy"], r["model"], r["solver"], r["nfe_target"]) ==
+                ("pairs", "oracle", "heun", 4))
+    assert heun["tv"] == toy_tv(make_toy("pairs"), "oracle", 0, 0, b["num_samples"], 2, solver="heun")
 
 
-def test_steps_for_nfe_never_exceed_the_target():
-    for nfe in (4, 8, 16, 32, 100):
-        for solver in vfm.SOLVERS:
-            steps = study.steps_for_nfe(nfe, solver)
-            assert nfe - 2 < vfm.num_evaluations(steps, solver) <= nfe
+def test_steps_for_nfe():
+    for solver in vfm.SOLVERS:
+        for target, (steps, nfe) in STEPS_AND_NFE[solver].items():
+            assert solvers.steps_for_nfe(target, solver) == steps, (solver, target)
+            assert vfm.num_evaluations(steps, solver) == nfe, (solver, steps)
 
 
 # ---- Fashion-MNIST codes ---------------------------------------------------------------------------------
 
-def test_convergence_on_codes(codes_dir, classifier, tmp_path):
+def test_draws_are_those_of_sample_py(flow_ckpts, tmp_path):
+    """Two batches of 250, labels cycled, EMA weights: sample i is sample.py's sample i."""
+    settings = {"purrception": dict(solver="heun", temperature="0.5", cfg_scale=1.5), "dfm": {}}
+    for name, ckpt in flow_ckpts.items():
+        images, labels, _ = common.draw(common.load_flow(str(ckpt), (name,), "test"), 260, 2, 3, **settings[name])
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings[name].items()]
+        expected, expected_labels = sample_py(ckpt, tmp_path / name, "--num-samples", 260, "--steps", 2,
+                                              "--seed", 3, *flags)
+        assert np.array_equal(labels, expected_labels) and np.array_equal(labels[:12], [*range(10), 0, 1])
+        assert np.array_equal(images, expected), name
+        assert len(np.unique(images.reshape(len(images), -1), axis=0)) > 1, "the samples must depend on the noise"
+
+
+def test_convergence_on_codes(codes_dir, classifier, tmp_path, monkeypatch):
+    drawn = drawn_by(monkeypatch, convergence)
     study.main(["convergence", "--data", "fashion-mnist", "--codes", str(codes_dir), *scoring(classifier),
                 "--budget", "tiny", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "convergence-fashion-mnist")
     assert header == ["objective", "training steps", "accuracy", "FID-LeNet", "s/step (train)"]
-    b = study.CONVERGENCE_IMAGES["tiny"]
+    b = convergence.IMAGE_BUDGETS["tiny"]
     steps = list(range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]))
     assert [(r[0], int(r[1])) for r in rows[:-1]] == [(o, s) for o in vfm.OBJECTIVES for s in steps]
     assert rows[-1][0] == "VQ reconstructions (ceiling)"
-    for objective in vfm.OBJECTIVES:
-        ckpt = train.load_checkpoint(str(tmp_path / "runs" / objective / "checkpoints" / f"step-{steps[-1]:07d}.pt"))
-        assert ckpt["args"]["objective"] == objective and ckpt["args"]["batch_size"] == b["batch_size"]
-    assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 for r in record["rows"])
+    for row, images in zip(record["rows"], drawn):
+        ckpt = tmp_path / "runs" / row["objective"] / "checkpoints" / f"step-{row['step']:07d}.pt"
+        args = flows.load_checkpoint(str(ckpt))["args"]
+        assert args["objective"] == row["objective"] and args["batch_size"] == b["batch_size"]
+        if row["step"] == steps[-1]:
+            check_row(row, images, ckpt, tmp_path / f"sample-{row['objective']}", classifier,
+                      "--num-samples", b["num_samples"], "--steps", b["steps"], "--seed", 0)
 
 
-def test_temperature(flow_ckpts, classifier, tmp_path):
+def test_temperature(flow_ckpts, classifier, tmp_path, monkeypatch):
+    drawn = drawn_by(monkeypatch, temperature)
     study.main(["temperature", "--ckpt", str(flow_ckpts["purrception"]), *scoring(classifier), "--budget", "tiny",
                 "--seed", "2", "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "temperature", ["temperature-grid"])
-    b = study.TEMPERATURE["tiny"]
+    b = temperature.BUDGETS["tiny"]
     assert header == ["temperature"] + [f"{m} (cfg {c:g})" for c in b["cfg_scales"] for m in ("accuracy", "FID")]
     assert [r[0] for r in rows] == list(b["temperatures"] + b["schedules"])
     assert len(record["rows"]) == len(rows) * len(b["cfg_scales"])
     assert record["grid_temperatures"][0] == "0.5" and record["grid_temperatures"][2] == "1.5"
+    for row, images in zip(record["rows"], drawn):
+        spec, cfg = row["temperature"], row["cfg_scale"]
+        if (spec, cfg) in (("1.0", 1.0), ("linear:1.2:0.8", 2.0)):  # rows whose samples the seed and cfg change
+            check_row(row, images, flow_ckpts["purrception"], tmp_path / f"sample-{spec}-{cfg}", classifier,
+                      "--num-samples", b["num_samples"], "--steps", b["steps"], "--seed", 2,
+                      f"--temperature={spec}", "--cfg-scale", cfg)
 
 
-def test_solvers_on_codes(flow_ckpts, classifier, tmp_path):
+def test_solvers_on_codes(flow_ckpts, classifier, tmp_path, monkeypatch):
+    drawn = drawn_by(monkeypatch, solvers)
     study.main(["solvers", "--data", "fashion-mnist", "--ckpt", str(flow_ckpts["purrception"]),
-                "--dfm-ckpt", str(flow_ckpts["dfm"]), *scoring(classifier), "--budget", "tiny", "--out", str(tmp_path)])
+                "--dfm-ckpt", str(flow_ckpts["dfm"]), *scoring(classifier), "--budget", "tiny", "--seed", "1",
+                "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "solvers-fashion-mnist")
     assert header == ["model", "solver", "NFE target", "steps", "NFE", "ms/sample", "accuracy", "FID-LeNet"]
-    nfe = study.SOLVERS_IMAGES["tiny"]["nfe"]
-    assert [(r[0], r[1]) for r in rows] == [("purrception", s) for s in vfm.SOLVERS for _ in nfe] + \
-        [("dfm", "discrete euler")] * len(nfe)
+    nfe = solvers.IMAGE_BUDGETS["tiny"]["nfe"]
+    assert [(r[0], r[1], int(r[2])) for r in rows] == [("purrception", s, n) for s in vfm.SOLVERS for n in nfe] + \
+        [("dfm", "discrete euler", n) for n in nfe]
+    assert all((int(r[3]), int(r[4])) == STEPS_AND_NFE[r[1]][int(r[2])] for r in rows)
     assert all(r["seconds_per_sample"] > 0 for r in record["rows"])
+    for row, images in zip(record["rows"], drawn):
+        if (row["solver"], row["nfe_target"]) in (("heun", 4), ("midpoint", 4), ("discrete euler", 4)):
+            solver = "euler" if row["model"] == "dfm" else row["solver"]
+            check_row(row, images, flow_ckpts[row["model"]], tmp_path / f"sample-{row['solver']}", classifier,
+                      "--num-samples", 20, "--steps", STEPS_AND_NFE[row["solver"]][4][0], "--seed", 1,
+                      "--solver", solver)
 
 
 def test_uncertainty(flow_ckpts, tmp_path):
-    study.main(["uncertainty", "--ckpt", str(flow_ckpts["purrception"]), "--budget", "tiny", "--out", str(tmp_path)])
+    study.main(["uncertainty", "--ckpt", str(flow_ckpts["purrception"]), "--budget", "tiny", "--seed", "4",
+                "--out", str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "uncertainty")
-    b = study.UNCERTAINTY["tiny"]
+    b = uncertainty.BUDGETS["tiny"]
     assert header[0] == "sample" and len(header) == 1 + b["times"] and header[1] == "t=0.00"
     assert [r[0] for r in rows] == ["T-shirt: entropy", "Trouser: entropy", "all: entropy",
                                     "all: argmax = final code"]
-    maps = record["entropy_maps"]
-    assert len(maps) == b["classes"] and len(maps[0]) == b["times"] and len(maps[0][0]) == 7
-    assert all(0 <= float(c) <= 5.55 for r in rows[:-1] for c in r[1:])
+    maps = torch.tensor(record["entropy_maps"])  # (classes, times, h, w)
+    assert maps.shape == (b["classes"], b["times"], 7, 7)
+    # The first evaluation, at t = 0 on the seed's noise, recomputed with torch's categorical entropy.
+    flow, first = flows.Flow(str(flow_ckpts["purrception"])), []
+    flow.objective.sample(flow.model, (b["classes"], *flow.grid), y=torch.arange(b["classes"]), steps=b["steps"],
+                          generator=torch.Generator().manual_seed(4),
+                          callback=lambda t, z, logits: first.append(logits.clone()) if not first else None)
+    expected = torch.distributions.Categorical(logits=first[0].double()).entropy()
+    assert torch.allclose(maps[:, 0].double(), expected, atol=1e-5)
+    assert maps.min() >= 0 and maps.max() <= math.log(flow.objective.num_codes) + 1e-5  # 0 <= H <= log K
+    assert [float(c) for c in rows[-2][1:]] == [round(float(maps[:, j].mean()), 2) for j in range(b["times"])]
 
 
 # ---- bad input: one line on stderr, exit status 2 --------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
     (["temperature"], "temperature needs --ckpt"),
-    (["temperature", "--ckpt", "no/such.pt"], "no/such.pt: no such checkpoint"),
+    (["temperature", "--ckpt", "no/such.pt"], "no/such.pt: no such file"),
     (["temperature", "--ckpt", "{dfm}"], "a checkpoint of dfm; temperature needs purrception"),
     (["uncertainty", "--ckpt", "{dfm}"], "a checkpoint of dfm; uncertainty needs purrception"),
     (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}", "--dfm-ckpt", "{purrception}"],

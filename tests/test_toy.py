@@ -1,6 +1,7 @@
 """toy/run.py: every flag, its outputs, and clear errors for bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import sys
 import pytest
 import torch
 
+import vfm
 from toy import run
-from toy.toys import TOYS, make_toy
+from toy.toys import TOYS, Oracle, make_toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,11 +26,15 @@ def test_toys_are_distributions_with_the_stated_support():
     assert all(a // 4 == b // 4 for a, b in pairs.configs.tolist()) and len(pairs.configs) == 64
 
 
-def test_tv_of_disjoint_and_identical_histograms():
+def test_tv_of_known_histograms():
     toy = make_toy("checkerboard")
     white = torch.tensor([[1]] * 100)  # cell 1 is white: p = 0 there
     assert toy.tv(white) == pytest.approx(1.0)
     assert toy.tv(toy.configs) == pytest.approx(0.0, abs=1e-12)
+    # All mass on one black cell: 1/2 (|1 - 1/32| + 31 * 1/32) = 31/32.
+    assert toy.tv(torch.tensor([[0]] * 10)) == pytest.approx(31 / 32, abs=1e-12)
+    # Pairs: half on (0, 1) (same row, p = 1/64), half on (0, 4) (rows differ, p = 0): 1 - min(1/2, 1/64) = 63/64.
+    assert make_toy("pairs").tv(torch.tensor([[0, 1], [0, 4]] * 5)) == pytest.approx(63 / 64, abs=1e-12)
 
 
 @pytest.mark.parametrize("method", run.METHODS)
@@ -40,9 +46,28 @@ def test_one_method_writes_metrics(tmp_path, method):
     assert saved == metrics
     assert {"method", "toy", "iters", "tv", "seconds"} <= saved.keys()
     assert saved["method"] == method and saved["toy"] == "pairs" and saved["seed"] == 3
-    assert saved["iters"] == (0 if method == "oracle" else 20) and 0 <= saved["tv"] <= 1
+    assert saved["iters"] == (0 if method == "oracle" else 20)
+    # The same model and samples built by hand from the flags: 20 iterations of seed 3, 500 samples of 5 steps.
+    toy = make_toy("pairs")
+    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook)
+    model = Oracle(toy, objective.codebook) if method == "oracle" else run.train(toy, objective, 20, 3)
+    assert saved["tv"] == round(toy.tv(run.sample(toy, objective, model, 500, 3, steps=5)), 4)
     if method == "purrception":
         assert set(saved["kl_by_t"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+        assert all(kl >= 0 for kl in saved["kl_by_t"].values())  # KL(exact || learned) >= 0
+
+
+def test_oracle_is_within_sampling_error(tmp_path):
+    """The exact posterior through 100 Euler steps: its TV is that of n exact draws, below 1/2 sqrt(M / n) for M
+    configurations (the bound on the expected TV of n draws from p)."""
+    metrics = run.main(["--method", "oracle", "--toy", "rings", "--num-samples", "4000", "--out", str(tmp_path)])
+    assert metrics["steps"] == 100 and metrics["tv"] < 0.5 * math.sqrt(len(make_toy("rings").configs) / 4000)
+
+
+def test_training_lowers_tv(tmp_path):
+    args = ["--method", "purrception", "--num-samples", "2000", "--steps", "20", "--out", str(tmp_path)]
+    untrained, trained = (run.main(args + ["--iters", iters])["tv"] for iters in ("1", "100"))
+    assert trained < untrained - 0.2, (trained, untrained)
 
 
 def test_same_seed_same_result(tmp_path):

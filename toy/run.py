@@ -20,11 +20,14 @@ import time
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python toy/run.py` from anywhere
+import files  # noqa: E402
 import vfm  # noqa: E402
+from cli import run_command  # noqa: E402
+from schedule import learning_rate  # noqa: E402
 from toy.toys import TOYS, Oracle, make_toy  # noqa: E402
 
-METHODS = vfm.OBJECTIVES + ("oracle",)
+METHODS = (*vfm.OBJECTIVES, "oracle")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,16 +66,15 @@ def train(toy, objective, iters, seed, batch_size=512, lr=2e-3, progress=None, o
     torch.manual_seed(seed)
     model = ToyMLP(toy.num_tokens, **objective.model_io())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, iters // 20)  # linear warm-up, then cosine decay to zero
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / iters, 1.0))))
     g = torch.Generator().manual_seed(seed)
     for step in range(iters):
+        # a linear warm-up over the first 5%, and a cosine decay to zero over the whole run
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, iters, lr, warmup=max(1, iters // 20), final=0.0, decay_start=0)
         loss, _, _ = objective.loss(model, toy.sample(batch_size, g), generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         if on_step is not None:
             on_step(step + 1, model)
         if progress is not None and (step % 200 == 0 or step == iters - 1):
@@ -124,13 +126,6 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
     return metrics, model, objective
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def figures(toy, results, out, seed, n=5000):
     import matplotlib.pyplot as plt
 
     scale = results["oracle"][2].codebook.pow(2).mean().sqrt() / toy.codebook.pow(2).mean().sqrt()
-    names = ["data"] + [m for m in ("oracle",) + vfm.OBJECTIVES if m in results]
+    names = ["data"] + [m for m in ("oracle", *vfm.OBJECTIVES) if m in results]
     fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 4.8))
     g = torch.Generator().manual_seed(seed)
     for col, name in enumerate(names):
@@ -259,24 +254,22 @@ def main(argv=None):
 
     if args.method:
         metrics, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps)
-        write_json(os.path.join(args.out, "metrics.json"), metrics)
+        files.write_json(os.path.join(args.out, "metrics.json"), metrics)
         print(json.dumps(metrics))
         return metrics
 
     start, results = time.time(), {}
     print(f"toy '{toy.name}': {toy.description}; {args.iters} iterations per method, "
           f"{args.num_samples} samples, {args.steps} Euler steps")
-    for method in ("oracle",) + vfm.OBJECTIVES:
+    for method in ("oracle", *vfm.OBJECTIVES):
         results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps, log=quiet)
-        write_json(os.path.join(args.out, f"metrics-{method}.json"), results[method][0])
+        files.write_json(os.path.join(args.out, f"metrics-{method}.json"), results[method][0])
         print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
-    lines = ["| method | iterations | seconds | TV |", "|---|---|---|---|"]
-    lines += [f"| {m['method']} | {m['iters']} | {m['seconds']:.1f} | {m['tv']:.3f} |"
-              for m, _, _ in results.values()]
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    table = files.markdown_table(["method", "iterations", "seconds", "TV"],
+                                 [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
+                                  for m, _, _ in results.values()])
+    files.write_text(os.path.join(args.out, "table.md"), table)
+    print(table, end="")
     if not args.no_figures:
         figures(toy, results, args.out, args.seed, min(5000, args.num_samples))
         print(f"figures: {args.out}/samples.png, posterior.png, temperature.png")
@@ -285,7 +278,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    run_command(main)

@@ -1,0 +1,144 @@
+"""
+What every study shares: its outputs (a markdown table, a JSON record, figures), drawing samples from a trained
+flow exactly as sample.py draws them, and scoring images with evaluate.py.
+"""
+
+import os
+import time
+
+import numpy as np
+
+import evaluate
+import files
+import flows
+from cli import UserError, user_errors
+
+SAMPLE_BATCH = 250  # sample.py's default batch: sample i gets the same noise as `sample.py --seed S`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: a markdown table, a JSON record, figures
+# ----------------------------------------------------------------------------------------------------------
+
+def clock():
+    """(wall seconds, CPU seconds of this process over all its threads): on a shared machine the second is the
+    steadier measure of the work done."""
+    return time.time(), time.process_time()
+
+
+def write_outputs(args, name, table, note, record, start):
+    """OUT/NAME.md (the table, then a note on how it was measured) and OUT/NAME.json; print both."""
+    record = dict(command=args.command_line, budget=args.budget, seconds=round(time.time() - start[0], 1),
+                  cpu_seconds=round(time.process_time() - start[1], 1), **record)
+    text = f"{table}\n{note}"
+    files.write_text(os.path.join(args.out, f"{name}.md"), text + "\n")
+    files.write_json(os.path.join(args.out, f"{name}.json"), record)
+    print(text)
+    print(f"{args.out}/{name}.md, {name}.json, {name}*.png written in {record['seconds']:.0f} s "
+          f"({record['cpu_seconds']:.0f} CPU seconds)")
+    return record
+
+
+def mean_spread(values):
+    """'mean ± half-range' over seeds (the value alone for one seed)."""
+    values = [v for v in values if v is not None]
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, args, name, **kw):
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=110, **kw)
+    pyplot().close(fig)
+
+
+def log_ticks(ax, values):
+    """A log x axis labelled at exactly the values measured."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(values), [str(v) for v in values])
+    ax.minorticks_off()
+
+
+def log_y(ax):
+    """A log y axis with plain numbers (0.02, 0.05, ...) rather than powers of ten."""
+    from matplotlib.ticker import FormatStrFormatter
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+
+def metric_panels(plt, title):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].set_ylabel("classifier accuracy (higher is better)")
+    axes[1].set_ylabel("FID-LeNet (lower is better)")
+    fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel, reference=None, log_x=None):
+    """Accuracy and FID-LeNet against x_key, a line per series; log_x: the x values to label on a log axis."""
+    plt = pyplot()
+    fig, axes = metric_panels(plt, title)
+    for ax, metric in zip(axes, ("accuracy", "fid")):
+        for s in series:
+            points = sorted((r[x_key], r[metric]) for r in rows if r[series_key] == s)
+            if points:
+                ax.plot(*zip(*points), "-o", ms=3, label=s)
+        if reference is not None:
+            ax.axhline(reference[metric], c="k", ls="--", lw=1, label="VQ reconstructions")
+        if log_x:
+            log_ticks(ax, log_x)
+        if metric == "fid":
+            log_y(ax)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, args, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trained flows: loading, sampling, scoring
+# ----------------------------------------------------------------------------------------------------------
+
+def need(value, message):
+    if not value:
+        raise UserError(message)
+    return value
+
+
+def need_data_dir(args):
+    return need(args.data_dir, "scoring images needs --data-dir (the directory of the dataset's IDX files)")
+
+
+def load_flow(path, objectives, role):
+    """flows.Flow of a train.py checkpoint (EMA weights, CPU) whose objective is one of `objectives`."""
+    with user_errors():
+        flow = flows.Flow(path)
+    if flow.name not in objectives:
+        raise UserError(f"{path}: a checkpoint of {flow.name}; {role} needs {' or '.join(objectives)}")
+    return flow
+
+
+def draw(flow, n, steps, seed, solver="euler", temperature="1.0", cfg_scale=1.0):
+    """(images uint8 (n, H, W, C), labels (n,), seconds): the n samples `python sample.py --seed SEED` draws
+    (labels 0, 1, ..., 9, 0, ... and batches of 250, batch b seeded with flows.batch_seed(SEED, b))."""
+    start = time.time()
+    images, labels = flow.sample(n, seed=seed, batch_size=SAMPLE_BATCH, steps=steps, solver=solver,
+                                 temperature=temperature, cfg_scale=cfg_scale)
+    return images, labels, time.time() - start
+
+
+def score(images, labels, dataset, args):
+    """evaluate.py's accuracy (of its classifier on the conditioning labels), FID-LeNet and coverage."""
+    with user_errors():
+        metrics = evaluate.evaluate_images(images, labels, dataset, need_data_dir(args),
+                                           classifier_path=args.classifier)
+    return dict(accuracy=round(float(metrics["accuracy"]), 4), fid=round(float(metrics["fid"]), 3),
+                coverage=round(float(metrics["coverage"]), 4))
