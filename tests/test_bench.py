@@ -38,9 +38,9 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
         assert len(row) == len(bench.COLUMNS)
         cells = dict(zip(bench.COLUMNS, row))
         steps_per_s, images_per_s = float(cells["steps/s"]), float(cells["images/s"])
-        assert steps_per_s > 0 and images_per_s == pytest.approx(2 * steps_per_s, rel=2e-3)  # batch 2, 3 digits
+        assert steps_per_s > 0 and images_per_s == pytest.approx(2 * steps_per_s, rel=1e-2)  # batch 2; 3 digits each
         assert float(cells["TFLOP/s"]) == pytest.approx(float(cells["GFLOP/image/step"]) * images_per_s / 1e3,
-                                                        rel=3e-3)
+                                                        rel=1.5e-2)
         assert cells["MFU"] == "n/a" and cells["peak mem (GiB)"] == "n/a"  # a CPU without --peak-tflops
     # a second run appends a second section and keeps the first
     bench.main(TINY + ["--dtype", "fp32", "--out", out])
