@@ -42,6 +42,11 @@ def save_torch(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_figure(fig, path, **kw):
+    """A matplotlib figure as a PNG (110 dpi unless kw says otherwise)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", **{"dpi": 110, **kw}))
+
+
 def copy(source, path):
     with open(source, "rb") as src:
         atomic_write(path, lambda f: shutil.copyfileobj(src, f))

@@ -55,7 +55,7 @@ def pyplot():
 
 
 def save_figure(fig, args, name, **kw):
-    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=110, **kw)
+    files.save_figure(fig, os.path.join(args.out, f"{name}.png"), **kw)
     pyplot().close(fig)
 
 

@@ -187,7 +187,7 @@ def figures(toy, results, out, seed, n=5000):
             ax.set_yticks([])
     fig.suptitle(f"{toy.name}: {toy.description}; 100 Euler steps", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "samples.png"), dpi=110)
+    files.save_figure(fig, os.path.join(out, "samples.png"))
     plt.close(fig)
 
     if "purrception" in results:
@@ -205,7 +205,7 @@ def figures(toy, results, out, seed, n=5000):
         b.set_ylabel("KL(exact || learned) [nats/token]")
         fig.suptitle(f"{toy.name}: the posterior along the path", fontsize=10)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "posterior.png"), dpi=110)
+        files.save_figure(fig, os.path.join(out, "posterior.png"))
         plt.close(fig)
 
         temps = [0.25, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0]
@@ -221,7 +221,7 @@ def figures(toy, results, out, seed, n=5000):
             codes = sample(toy, objective, model, n, seed, temperature=tau)
             draw_histogram(ax, toy, toy.histogram(codes), f"Purrception, tau = {tau}")
         fig.tight_layout(rect=(0, 0, 1, 0.95))
-        fig.savefig(os.path.join(out, "temperature.png"), dpi=110)
+        files.save_figure(fig, os.path.join(out, "temperature.png"))
         plt.close(fig)
 
 
