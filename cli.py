@@ -8,12 +8,26 @@ The scripts turn those into UserError where they read the user's input (`with us
 """
 
 import contextlib
+import errno
+import math
 import os
 import sys
 
+import torch.distributed
+
+
+DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+
 
 class UserError(Exception):
-    """A mistake in the user's input: run_command prints its message as one line and exits with status 2."""
+    """A mistake in the user's input: run_command prints its message as one line and exits with status 2.
+
+    Under torchrun every rank usually finds the same mistake, and rank 0 alone says it. An error only one rank can
+    meet (an unreadable image in its shard, its disk full) is raised with rank_local=True: that rank says it."""
+
+    def __init__(self, message, rank_local=False):
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
 @contextlib.contextmanager
@@ -26,31 +40,94 @@ def user_errors():
 
 
 def run_command(command, *args):
-    """A script's entry point: a UserError becomes one line on stderr (said once, by rank 0, under torchrun, where
-    every rank finds the same mistake) and exit status 2; Ctrl-C exits with 130, after whatever the command saves
-    on its way out."""
+    """A script's entry point: a UserError becomes one line on stderr and exit status 2; Ctrl-C exits with 130,
+    after whatever the command saves on its way out. Under torchrun, a rank whose peer stopped (the collective it
+    waited in fails) says so in one line instead of a traceback: the peer has said why."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return command(*args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if e.rank_local and rank != 0:
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
+        elif rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the disk filled up or a path is not writable: what was written before is intact
+        if e.errno not in DISK_FAULTS:
+            raise
+        print(f"error: {e.filename or 'writing a file'}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except torch.distributed.DistError:
+        if "RANK" not in os.environ:
+            raise
+        print(f"error: rank {rank}: another process stopped (its error is above)", file=sys.stderr)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks of numbers and paths, before any work is done
+# ----------------------------------------------------------------------------------------------------------
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def check_positive(args, *names):
-    """--name must be > 0 for each of `names` (None means unset and passes)."""
+    """--name must be a finite number > 0 for each of `names` (None means unset and passes)."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} {value}: expected a positive number")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{_flag(name)} {value}: expected a positive number")
+
+
+def check_non_negative(args, *names):
+    """--name must be a finite number >= 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"{_flag(name)} {value}: expected a number >= 0")
+
+
+def check_finite(args, *names):
+    """--name must be a finite number (not nan, not inf)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"{_flag(name)} {value}: expected a finite number")
+
+
+def check_fraction(args, *names):
+    """--name must lie in [0, 1]."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"{_flag(name)} {value}: expected a number in [0, 1]")
 
 
 def make_dir(path):
-    """Create an output directory, or say in one line why it cannot be."""
+    """Create an output directory and check that files can be written in it, or say in one line why not:
+    before a long computation, not after it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: exists and is not a directory (expected an output directory)")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"{path}: cannot create the output directory ({e.strerror})") from None
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("x")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in the output directory ({e.strerror})") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+def refuse_overwrite(path, flag="--force"):
+    """A file an earlier run wrote stays unless the user says otherwise."""
+    if os.path.exists(path):
+        raise UserError(f"{path} exists: pass {flag} to replace it, or choose another --out")
