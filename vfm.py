@@ -110,8 +110,8 @@ def parse_temperature(spec):
         tau0, tau1 = values
     else:
         raise ValueError(f"bad temperature '{spec}': expected a number, 'linear:T0:T1' or 'cosine:T0:T1'")
-    if min(tau0, tau1) <= 0:
-        raise ValueError(f"bad temperature '{spec}': temperatures must be > 0")
+    if not all(0 < tau < math.inf for tau in (tau0, tau1)):
+        raise ValueError(f"bad temperature '{spec}': temperatures must be finite numbers > 0")
     if kind == "cosine":
         return lambda t: tau1 + (tau0 - tau1) * 0.5 * (1 + math.cos(math.pi * t))
     return lambda t: tau0 + (tau1 - tau0) * t

@@ -90,7 +90,7 @@ def test_temperature_schedules():
     cos = vfm.parse_temperature("cosine:1.2:0.8")
     assert (cos(0), cos(0.5), cos(1)) == pytest.approx((1.2, 1.0, 0.8))
     assert cos(0.25) == pytest.approx(0.8 + 0.4 * (1 + math.sqrt(0.5)) / 2)  # a half cosine, not the line (1.1)
-    for bad in ("hot", "linear:1", "cosine:a:b", "0", "-1", "linear:1:-2"):
+    for bad in ("hot", "linear:1", "cosine:a:b", "0", "-1", "linear:1:-2", "nan", "inf", "linear:nan:1", "cosine:1:inf"):
         with pytest.raises(ValueError, match="temperature"):
             vfm.parse_temperature(bad)
 
