@@ -34,7 +34,8 @@ import flows
 import images
 import tokenizers
 import vfm
-from cli import UserError, run_command, user_errors
+from cli import (UserError, check_fraction, check_non_negative, check_positive, make_dir, run_command,
+                 user_errors)
 from data import CodeSet
 from dit import DiT_models
 from schedule import learning_rate
@@ -107,8 +108,12 @@ class LossByT:
 
     def __init__(self, device):
         self.sums = torch.zeros(1 + 2 * T_BINS, device=device)  # [loss, sum by bin, count by bin]
+        self.first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far finite
 
-    def add(self, loss, per_sample, t, weight):
+    def add(self, loss, per_sample, t, weight, step):
+        """Add one micro-batch of step `step` (1-based). Kept on the device: no synchronisation per step."""
+        bad = (self.first_nonfinite == 0) & ~torch.isfinite(loss.detach())
+        self.first_nonfinite = torch.where(bad, step, self.first_nonfinite)
         b = (t * T_BINS).long().clamp(max=T_BINS - 1)  # (B,) the bin of each sample's t
         self.sums[0] += loss.detach() * weight
         self.sums[1:1 + T_BINS].index_add_(0, b, per_sample.float())
@@ -121,6 +126,18 @@ class LossByT:
         self.sums.zero_()
         by_t = stats[1:1 + T_BINS] / stats[1 + T_BINS:].clamp_min(1e-9)
         return stats[0].item() / steps, by_t.tolist()
+
+    def check_finite(self, world):
+        """UserError naming the first step, on any rank, whose loss was nan or infinite. Called before every log
+        line and every checkpoint, so that neither ever holds a non-finite loss or the weights it produced."""
+        first = self.first_nonfinite.clone()
+        if world > 1:  # the earliest over ranks; 0 (all finite) counts as never
+            first = torch.where(first == 0, torch.iinfo(torch.long).max, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == torch.iinfo(torch.long).max, 0, first)
+        if first.item():
+            raise UserError(f"step {first.item()}: the loss is not a finite number; training stopped, and the last "
+                            f"checkpoint, from before it, is kept (try a lower --lr)")
 
 
 def build_optimizer(model, lr, weight_decay, device):
@@ -135,7 +152,7 @@ def update_ema(ema, model, decay):
 
 
 def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr, grad_clip, ema_decay,
-               loss_by_t=None):
+               loss_by_t=None, step=0):
     """One optimizer step over the micro-batches [(codes, labels or None), ...]: forward and backward each,
     clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping.
 
@@ -151,7 +168,7 @@ def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_ba
         # after. It is disabled (a pass-through) in fp32 and bf16.
         scaler.scale(loss / len(micro_batches)).backward()
         if loss_by_t is not None:
-            loss_by_t.add(loss, per_sample, t, 1 / len(micro_batches))
+            loss_by_t.add(loss, per_sample, t, 1 / len(micro_batches), step + 1)
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     scaler.step(opt)  # skipped by the scaler when an fp16 gradient overflowed
@@ -165,20 +182,43 @@ def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_ba
 # Resume or start, checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
-def checked_resume(args, codes, ckpt_path):
+def checked_resume(args, codes, ckpt_path, rank):
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite a run without --resume and
     to resume with codes or settings that the checkpoint's weights do not fit."""
     if not os.path.exists(ckpt_path):
+        if args.resume and rank == 0:
+            print(f"--resume: no checkpoint at {ckpt_path} yet, so this run starts from step 0", file=sys.stderr)
         return None
     if not args.resume:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     with user_errors():
         ckpt = flows.load_checkpoint(ckpt_path)
+    trained_on = ckpt["codes_meta"]
+    for key, what in (("grid", "code grid"), ("num_classes", "number of classes")):
+        if trained_on[key] != codes.meta[key]:  # grids are lists in both
+            raise UserError(f"{ckpt_path}: trained on codes with {what} {trained_on[key]}, but {args.codes} has "
+                            f"{codes.meta[key]}")
+    with user_errors():
         tokenizers.check_codebook(codes.codebook, ckpt["codebook"], ckpt_path)
     for key in ("model", "objective"):
         if ckpt["args"][key] != getattr(args, key):
             raise UserError(f"{ckpt_path}: trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
     return ckpt
+
+
+def drop_log_after(path, step):
+    """After a resume from `step`, log.jsonl keeps only the lines up to it: the steps after the checkpoint will be
+    trained (and logged) again. A line cut short by a kill is dropped too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    for line in open(path).read().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    files.write_text(path, "".join(kept))
 
 
 @torch.no_grad()
@@ -220,7 +260,7 @@ def restore(ckpt, rank, world, device, batches, **modules):
 
 def log(log_file, bar, **record):
     """One line of log.jsonl, and the loss and throughput beside the progress bar."""
-    log_file.write(json.dumps(record) + "\n")
+    log_file.write(json.dumps(record, allow_nan=False) + "\n")
     log_file.flush()
     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
 
@@ -264,7 +304,20 @@ def finish_step_on_ctrl_c(world):
 # The training loop
 # ----------------------------------------------------------------------------------------------------------
 
+def check_args(args):
+    """Numbers that make no sense are refused before anything runs."""
+    check_positive(args, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "lr")
+    check_non_negative(args, "warmup_steps", "weight_decay", "z_loss", "keep_every", "sample_every")
+    check_fraction(args, "ema_decay", "p_uncond")
+    if not args.grad_clip > 0:  # a negative norm would scale the gradient by a negative factor and climb
+        raise UserError(f"--grad-clip {args.grad_clip}: expected a number > 0 (inf: no clipping)")
+    if args.keep_every % args.ckpt_every:
+        raise UserError(f"--keep-every {args.keep_every}: expected a multiple of --ckpt-every {args.ckpt_every}")
+
+
 def train(args):
+    check_args(args)
+    make_dir(args.out)
     with distributed.processes() as (rank, world, device):
         _train(args, rank, world, device)
 
@@ -278,7 +331,7 @@ def _train(args, rank, world, device):
                         f"--grad-accum {args.grad_accum}")
     local_batch = args.batch_size // (world * args.grad_accum)
     ckpt_path = os.path.join(args.out, "checkpoints", "last.pt")
-    ckpt = checked_resume(args, codes, ckpt_path)
+    ckpt = checked_resume(args, codes, ckpt_path, rank)
 
     # Model, EMA, optimizer: the same initial weights on every rank, then each rank its own noise and times
     torch.manual_seed(args.seed)
@@ -301,6 +354,7 @@ def _train(args, rank, world, device):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         describe_run(args, raw_model, codes, world, device, precision, local_batch, step)
+        drop_log_after(os.path.join(args.out, "log.jsonl"), step)
 
     def checkpoint():
         save_checkpoint(ckpt_path, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler,
@@ -318,12 +372,16 @@ def _train(args, rank, world, device):
             micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
                              for c, y in (batches.next() for _ in range(args.grad_accum))]
             grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
-                                   args.grad_clip, args.ema_decay, loss_by_t)
+                                   args.grad_clip, args.ema_decay, loss_by_t, step)
             step += 1
             bar.update(1)
+            log_now = step % args.log_every == 0 or step == args.steps
+            checkpoint_now = step % args.ckpt_every == 0 or step == args.steps or stop
+            if log_now or checkpoint_now:
+                loss_by_t.check_finite(world)
 
             # Logging: all ranks reduce, rank 0 writes
-            if step % args.log_every == 0 or step == args.steps:
+            if log_now:
                 loss, by_t = loss_by_t.reduce(step - last_step, world)
                 rate, last_time, last_step = (step - last_step) / (time.time() - last_time), time.time(), step
                 if rank == 0:
@@ -332,7 +390,7 @@ def _train(args, rank, world, device):
                         loss_by_t=[round(v, 4) for v in by_t])
 
             # Checkpoints and previews
-            if step % args.ckpt_every == 0 or step == args.steps or stop:
+            if checkpoint_now:
                 checkpoint()
             if args.keep_every and step % args.keep_every == 0 and rank == 0:
                 files.copy(ckpt_path, os.path.join(args.out, "checkpoints", f"step-{step:07d}.pt"))
@@ -389,13 +447,7 @@ def parse_args(argv=None):
                    help="also keep checkpoints/step-NNNNNNN.pt this often (a multiple of --ckpt-every)")
     p.add_argument("--sample-every", type=int, default=5000, help="0: no sample grids during training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.keep_every % args.ckpt_every:
-        p.error("--keep-every must be a multiple of --ckpt-every")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

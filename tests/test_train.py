@@ -183,12 +183,76 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--model", "DiT-Q/3"], "invalid choice: 'DiT-Q/3'"),
     (["--objective", "gan"], "invalid choice: 'gan'"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--ckpt-every", "4", "--keep-every", "6"], "--keep-every must be a multiple of --ckpt-every"),
+    (["--steps", "0"], "--steps 0: expected a positive number"),
+    (["--ckpt-every", "4", "--keep-every", "6"], "--keep-every 6: expected a multiple of --ckpt-every 4"),
+    (["--lr", "inf"], "--lr inf: expected a positive number"),
+    (["--lr", "nan"], "--lr nan: expected a positive number"),
+    (["--z-loss", "nan"], "--z-loss nan: expected a number >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: expected a number > 0"),
+    (["--ema-decay", "1.5"], "--ema-decay 1.5: expected a number in [0, 1]"),
+    (["--p-uncond", "-0.1"], "--p-uncond -0.1: expected a number in [0, 1]"),
+    (["--sample-every", "-5"], "--sample-every -5: expected a number >= 0"),
 ])
 def test_bad_flags(codes_dir, tmp_path, args, message):
-    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path, *args)
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path / "run", *args)
     assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(codes_dir, tmp_path):
+    run = tmp_path / "run"
+    common = ["--codes", codes_dir, "--out", run, *SMALL, "--log-every", "1"]
+    train.main([str(a) for a in common] + ["--steps", "2"])
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    rc, _, err = run_cli("train.py", *common, "--steps", "6", "--resume", "--lr", "1e30")  # weights overflow
+    assert rc == 2 and "the loss is not a finite number" in err and "Traceback" not in err
+    step = int(err.split("error: step ")[1].split(":")[0])
+    assert 3 <= step <= 6
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]  # strict JSON: no NaN
+    assert [r["step"] for r in records] == list(range(1, step)) and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_resume_drops_log_lines_after_the_checkpoint(codes_dir, tmp_path):
+    """A run killed after step 3 but checkpointed at step 2 logs steps 3 and 4 once each after its resume."""
+    run = tmp_path / "run"
+    common = ["--codes", str(codes_dir), "--out", str(run), *SMALL, "--log-every", "1", "--keep-every", "2"]
+    train.main(common + ["--steps", "3"])
+    shutil.copyfile(run / "checkpoints" / "step-0000002.pt", run / "checkpoints" / "last.pt")  # as if killed
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # and cut short mid-line
+    train.main(common + ["--steps", "4", "--resume"])
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_with_no_checkpoint_says_it_starts_fresh(codes_dir, tmp_path):
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path / "run", *SMALL, "--steps", "1",
+                         "--resume")
+    assert rc == 0 and "no checkpoint at" in err and "starts from step 0" in err
+
+
+def test_resume_checks_the_grid_and_the_classes(codes_dir, tmp_path):
+    import data
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL])
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    codebook = np.load(codes_dir / "codebook.npy")
+    for name, grid, classes in (("grid", 8, 10), ("classes", 7, 5)):
+        other = tmp_path / name
+        data.write_shard(str(other), 0, np.random.randint(0, 256, (16, 1, grid, grid)), np.arange(16) % classes)
+        data.write_meta(str(other), codebook, 1, grid=[grid, grid], num_classes=classes, views=1)
+        rc, _, err = run_cli("train.py", "--codes", other, "--out", run, "--steps", "4", "--resume", *SMALL)
+        what = "code grid [7, 7]" if name == "grid" else "number of classes 10"
+        assert rc == 2 and f"trained on codes with {what}" in err and len(err.strip().splitlines()) == 1
+        assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_an_out_that_is_a_file_is_one_line(codes_dir, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", out, *SMALL, "--steps", "1")
+        assert rc == 2 and str(tmp_path / "file") in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_missing_codes_dir(tmp_path):
