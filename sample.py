@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -26,10 +27,18 @@ import files
 import flows
 import images
 import vfm
-from cli import UserError, run_command, user_errors
+from cli import (UserError, check_finite, check_positive, make_dir, refuse_overwrite, run_command,
+                 user_errors)
 
 
 def sample(args):
+    check_positive(args, "num_samples", "steps", "batch_size")
+    check_finite(args, "cfg_scale")
+    with user_errors():
+        vfm.parse_temperature(args.temperature)
+    make_dir(args.out)
+    if not args.force:
+        refuse_overwrite(os.path.join(args.out, "samples.npz"))
     with distributed.processes() as (rank, world, device):
         _sample(args, rank, world, device)
 
@@ -40,12 +49,16 @@ def _sample(args, rank, world, device):
                           tokenizer_ckpt=args.tokenizer_ckpt)
     if flow.name == "dfm" and args.solver != "euler":
         raise UserError(f"{args.ckpt}: a DFM model samples with its discrete Euler step only, not --solver {args.solver}")
+    if not flow.num_classes and args.cfg_scale != 1 and rank == 0:
+        print(f"--cfg-scale {args.cfg_scale} is ignored: {args.ckpt} was trained without labels, so there is "
+              f"nothing to guide towards", file=sys.stderr)
     labels = flows.sample_labels(args.num_samples, flow.num_classes)
+    guided = flow.num_classes > 0 and args.cfg_scale not in (0, 1)  # two network passes per evaluation
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=flow.step, weights="model" if args.no_ema else "ema",
                     objective=flow.name, model=flow.args["model"],
                     num_samples=args.num_samples, temperature=args.temperature, cfg_scale=args.cfg_scale,
                     steps=args.steps, solver=args.solver, seed=args.seed, batch_size=args.batch_size,
-                    nfe=vfm.num_evaluations(args.steps, args.solver) * (2 if args.cfg_scale not in (0, 1) else 1))
+                    nfe=vfm.num_evaluations(args.steps, args.solver) * (2 if guided else 1))
 
     # Every rank draws batches b = rank, rank + world, ... into OUT/.parts; rank 0 then packs them in order.
     parts = os.path.join(args.out, ".parts")
@@ -89,14 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="the tokenizer to decode with, if it moved since the codes were written")
     p.add_argument("--tokenizer-ckpt", help="its weights, for a pretrained tokenizer named by --tokenizer")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
-        p.error("--num-samples, --steps and --batch-size must be >= 1")
-    try:
-        vfm.parse_temperature(args.temperature)
-    except ValueError as e:
-        p.error(str(e))
-    return args
+    p.add_argument("--force", action="store_true", help="replace the samples.npz of an earlier run in --out")
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import sample
@@ -76,3 +77,45 @@ def test_bad_input(flow_ckpts, tmp_path):
                          "--tokenizer", tmp_path / "vq2" / "tokenizer.pt", "--out", tmp_path / "o2")
     assert rc == 2 and "does not match" in err and "Traceback" not in err
     assert not (tmp_path / "o2" / "samples.npz").exists()
+
+
+def test_an_earlier_samples_file_is_kept_unless_forced(flow_ckpts, tmp_path):
+    args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "4", "--steps", "2", "--out", tmp_path]
+    sample.main([str(a) for a in args])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    rc, _, err = run_cli("sample.py", *args, "--seed", "3")
+    assert rc == 2 and "samples.npz exists: pass --force" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sample.main([str(a) for a in args] + ["--seed", "3", "--force"])
+    assert json.loads((tmp_path / "settings.json").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cfg-scale", "nan"], "--cfg-scale nan: expected a finite number"),
+    (["--temperature", "linear:inf:1"], "bad temperature 'linear:inf:1'"),
+    (["--num-samples", "0"], "--num-samples 0: expected a positive number"),
+    (["--out", "FILE"], "exists and is not a directory"),
+    (["--out", "FILE/sub"], "cannot create the output directory"),
+])
+def test_bad_numbers_and_paths_are_one_line_before_any_work(flow_ckpts, tmp_path, args, message):
+    (tmp_path / "FILE").write_text("mine")
+    args = [str(tmp_path / a) if a.startswith("FILE") else a for a in args]
+    out = [] if "--out" in args else ["--out", tmp_path / "o"]
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--num-samples", 2, "--steps", 1, *out, *args)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir, tmp_path):
+    import shutil
+    import train
+    codes = tmp_path / "codes"
+    shutil.copytree(codes_dir, codes)
+    meta = json.loads((codes / "meta.json").read_text())
+    (codes / "meta.json").write_text(json.dumps(dict(meta, num_classes=0)))
+    train.main(["--codes", str(codes), "--out", str(tmp_path / "run"), "--steps", "1", "--model", "DiT-T/1",
+                "--batch-size", "8", "--sample-every", "0"])
+    rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "run" / "checkpoints" / "last.pt", "--num-samples", "3",
+                         "--steps", "5", "--cfg-scale", "2", "--out", tmp_path / "s")
+    assert rc == 0 and "--cfg-scale 2.0 is ignored" in err
+    assert json.loads((tmp_path / "s" / "settings.json").read_text())["nfe"] == 5
