@@ -7,6 +7,7 @@ The scripts turn those into UserError where they read the user's input (`with us
 `run_command` prints a UserError as `error: <message>` on stderr and exits with status 2.
 """
 
+import argparse
 import contextlib
 import errno
 import math
@@ -28,6 +29,16 @@ class UserError(Exception):
     def __init__(self, message, rank_local=False):
         super().__init__(message)
         self.rank_local = rank_local
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, saying a mistake on the command line in one line (with a pointer to --help) rather than after
+    the whole usage block; under torchrun, rank 0 alone says it."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager

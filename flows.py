@@ -104,5 +104,6 @@ class Flow:
     def sample(self, n, seed=0, batch_size=250, **settings):
         """(images uint8 (n, H, W, C), labels (n,)): what `python sample.py --seed S --batch-size B` draws."""
         labels = sample_labels(n, self.num_classes)
-        parts = [self.generate(labels, seed, b, batch_size, **settings) for b in range((n + batch_size - 1) // batch_size)]
+        batches = range((n + batch_size - 1) // batch_size)
+        parts = [self.generate(labels, seed, b, batch_size, **settings) for b in batches]
         return np.concatenate(parts), labels

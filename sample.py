@@ -12,7 +12,6 @@ the number of processes (flows.py: batch b is seeded with batch_seed(seed, b)): 
 its share of the batches and rank 0 writes exactly N.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -27,8 +26,8 @@ import files
 import flows
 import images
 import vfm
-from cli import (UserError, check_finite, check_positive, make_dir, refuse_overwrite, run_command,
-                 user_errors)
+from cli import (ArgumentParser, UserError, check_finite, check_positive, make_dir, refuse_overwrite,
+                 run_command, user_errors)
 
 
 def sample(args):
@@ -48,7 +47,8 @@ def _sample(args, rank, world, device):
         flow = flows.Flow(args.ckpt, device, use_ema=not args.no_ema, tokenizer=args.tokenizer,
                           tokenizer_ckpt=args.tokenizer_ckpt)
     if flow.name == "dfm" and args.solver != "euler":
-        raise UserError(f"{args.ckpt}: a DFM model samples with its discrete Euler step only, not --solver {args.solver}")
+        raise UserError(f"{args.ckpt}: a DFM model samples with its discrete Euler step only, not --solver "
+                        f"{args.solver}")
     if not flow.num_classes and args.cfg_scale != 1 and rank == 0:
         print(f"--cfg-scale {args.cfg_scale} is ignored: {args.ckpt} was trained without labels, so there is "
               f"nothing to guide towards", file=sys.stderr)
@@ -88,7 +88,7 @@ def _sample(args, rank, world, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample a trained flow into a PNG grid and an FID-ready .npz.")
+    p = ArgumentParser(description="Sample a trained flow into a PNG grid and an FID-ready .npz.")
     p.add_argument("--ckpt", required=True, help="a checkpoint of train.py (RUN/checkpoints/last.pt)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--temperature", default="1.0",

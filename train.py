@@ -12,7 +12,6 @@ mid-write leaves the previous one intact. `--resume` continues exactly where the
 N steps, a resume and N more give the same weights as 2N steps in one go.
 """
 
-import argparse
 import contextlib
 import copy
 import json
@@ -34,8 +33,8 @@ import flows
 import images
 import tokenizers
 import vfm
-from cli import (UserError, check_fraction, check_non_negative, check_positive, make_dir, run_command,
-                 user_errors)
+from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_positive, make_dir,
+                 run_command, user_errors)
 from data import CodeSet
 from dit import DiT_models
 from schedule import learning_rate
@@ -422,7 +421,7 @@ def describe_run(args, model, codes, world, device, precision, local_batch, step
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a flow (Purrception or a baseline) over VQ code grids.")
+    p = ArgumentParser(description="Train a flow (Purrception or a baseline) over VQ code grids.")
     p.add_argument("--codes", required=True, help="a code set written by `python vq.py encode`")
     p.add_argument("--model", default="DiT-T/1", choices=list(DiT_models))
     p.add_argument("--objective", default="purrception", choices=list(vfm.OBJECTIVES))
