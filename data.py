@@ -14,9 +14,11 @@ command-line errors (cli.py).
 
 import gzip
 import json
+import math
 import os
 import shutil
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ def read_idx(path):
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # a bad header or CRC, a cut-off or a damaged stream
             raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (expected a 4-byte magic 00 00 <type> <ndim>)")
@@ -64,7 +66,7 @@ def read_idx(path):
     if len(raw) < header:
         raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
@@ -101,6 +103,8 @@ def load_mnist(dataset, data_dir, split="train", download=False):
         raise ValueError(f"unknown split '{split}'; choose from: train, test")
     if download:
         download_mnist(dataset, data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise NotADirectoryError(f"{data_dir}: a file, not a directory (expected the {dataset} IDX files there)")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir}: no such directory (expected the {dataset} IDX files there)")
     paths = []
@@ -115,6 +119,10 @@ def load_mnist(dataset, data_dir, split="train", download=False):
         raise ValueError(f"{paths[0]}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.shape != (len(images),):
         raise ValueError(f"{paths[1]}: expected {len(images)} labels, got shape {labels.shape}")
+    num_classes = len(CLASS_NAMES[dataset])
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{paths[1]}: labels from {labels.min()} to {labels.max()}; expected classes 0 to "
+                         f"{num_classes - 1}")
     return images, labels.astype(np.int64)
 
 
@@ -196,6 +204,17 @@ class CodeSet:
         missing = [k for k in META_KEYS if k not in self.meta]
         if missing:
             raise ValueError(f"{meta_path}: no {', '.join(missing)}; expected {expected}")
+        natural = lambda x, low=1: isinstance(x, int) and not isinstance(x, bool) and x >= low
+        m = self.meta
+        wrong = [k for k, ok in [
+            ("num_codes", natural(m["num_codes"], 2)), ("code_dim", natural(m["code_dim"])),
+            ("num_classes", natural(m["num_classes"], 0)), ("views", natural(m["views"])),
+            ("grid", isinstance(m["grid"], list) and len(m["grid"]) == 2 and all(map(natural, m["grid"]))),
+            ("shard_sizes", isinstance(m["shard_sizes"], list) and all(natural(n, 0) for n in m["shard_sizes"]))]
+            if not ok]
+        if wrong:
+            raise ValueError(f"{meta_path}: {wrong[0]} {m[wrong[0]]!r} is not what `vq.py encode` writes; expected "
+                             f"{expected}")
         self.dir = code_dir
         self.codebook = _load_npy(os.path.join(code_dir, "codebook.npy"), expected, mmap_mode=None)
         if self.codebook.shape != (self.num_codes, self.meta["code_dim"]):
@@ -205,9 +224,9 @@ class CodeSet:
         for i, n in enumerate(self.meta["shard_sizes"]):
             codes_path, labels_path = shard_paths(code_dir, i)
             codes, labels = _load_npy(codes_path, expected), _load_npy(labels_path, expected)
-            if codes.ndim != 4 or codes.shape[0] != n or codes.dtype != np.uint16:
-                raise ValueError(f"{codes_path}: expected {n} uint16 code grids (n, V, h, w), got {codes.dtype} "
-                                 f"{codes.shape}")
+            if codes.shape != (n, self.views, *self.grid) or codes.dtype != np.uint16:
+                raise ValueError(f"{codes_path}: expected {n} uint16 code grids {(n, self.views, *self.grid)} "
+                                 f"(n, V, h, w), got {codes.dtype} {codes.shape}")
             if labels.shape != (n,):
                 raise ValueError(f"{labels_path}: expected {n} labels, got shape {labels.shape}")
             self.codes.append(codes)
@@ -247,6 +266,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 def list_imagefolder(root):
     """(paths, labels, class_names) of an ImageFolder tree, classes and files in sorted order."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise NotADirectoryError(f"{root}: a file, not a directory (expected an ImageFolder tree: "
+                                 f"ROOT/<class>/<image>)")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such directory (expected an ImageFolder tree: ROOT/<class>/<image>)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -280,7 +302,8 @@ def read_image(path, size):
     try:
         with Image.open(path) as f:
             image = center_crop(f.convert("RGB"), size)
-    except OSError as e:  # PIL raises OSError subclasses for a missing, truncated or foreign file
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # PIL's decoders raise any of these for a missing, truncated, foreign or oversized file
         raise ValueError(f"{path}: not a readable image ({e})") from None
     return to_float(np.array(image)[None])[0].contiguous()  # (3, size, size)
 

@@ -40,6 +40,8 @@ import functools
 import os
 import sys
 import time
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ from tqdm import tqdm
 
 import files
 import tokenizers
-from cli import UserError, run_command, user_errors
+from cli import UserError, make_dir, run_command, user_errors
 from data import CLASS_NAMES, load_mnist
 from images import to_float, to_uint8
 
@@ -150,6 +152,9 @@ def load_classifier(dataset, data_dir, path=None, **train_kwargs):
     info: path, dataset, test_accuracy, train_images, epochs, seed, seconds (of training). A file that is not a
     classifier of `dataset` is a ValueError naming it, never silently replaced."""
     path = path or default_classifier_path(dataset)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a directory; expected a classifier file of evaluate.py, or the name of "
+                                f"one to write")
     if not os.path.exists(path):
         model, info = train_classifier(dataset, data_dir, **train_kwargs)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -318,11 +323,10 @@ def reconstruct(tokenizer, images, batch_size=500):
     return np.concatenate(out)
 
 
-def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_size=500):
+def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_size=500, name=None):
     """evaluate_images of the test split's reconstructions through a VQ tokenizer, with the true labels: the
     ceiling of a flow over its codes. `tokenizer`: the path of a `vq.py train` checkpoint (RUN/tokenizer.pt),
-    or an object with encode (B, 1, 28, 28) -> codes and decode codes -> (B, 1, 28, 28)."""
-    name = None
+    or an object with encode (B, 1, 28, 28) -> codes and decode codes -> (B, 1, 28, 28), then named by `name`."""
     if isinstance(tokenizer, (str, os.PathLike)):
         name = os.path.abspath(tokenizer)
         tokenizer = tokenizers.load(str(tokenizer))
@@ -338,18 +342,22 @@ def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_
 
 def load_samples(path):
     """(images (N, 28, 28, 1) uint8, labels (N,) or None) from an .npz of sample.py: arr_0 and labels."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a directory (expected the samples.npz of sample.py)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected the samples.npz of sample.py)")
     try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":  # np.load would try a pickle here
+                raise ValueError("not a zip archive of arrays")
         with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an archive of arrays")
             arrays = {name: f[name] for name in ("arr_0", "labels") if name in f.files}
             found = f.files
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, damaged or foreign
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     if "arr_0" not in arrays:
-        raise ValueError(f"{path}: no array 'arr_0' (found: {', '.join(found) or 'none'}); expected uint8 images "
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(f"{path}: no array 'arr_0' (found: {listed or 'none'}); expected uint8 images "
                          f"N x H x W x C as sample.py writes them")
     return check_images(arrays["arr_0"], arrays.get("labels"), where=path)
 
@@ -379,29 +387,43 @@ def format_table(columns):
             f"as the class; samples grouped by {first['samples_grouped_by']})")
 
 
+def output_path(args):
+    """--out, or metrics.json beside the samples (reference-metrics.json beside the tokenizer without samples)."""
+    if args.out:
+        return args.out
+    if args.samples:
+        return os.path.join(os.path.dirname(os.path.abspath(args.samples)), "metrics.json")
+    return os.path.join(os.path.dirname(os.path.abspath(args.reference_tokenizer)), "reference-metrics.json")
+
+
 def evaluate(args):
+    # Every file this run writes, checked before the work: the metrics, and the classifier when it is trained
+    out = output_path(args)
+    if not out.endswith(".json"):
+        raise UserError(f"--out {out}: expected the name of a .json file")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out}: a directory; expected the name of a .json file")
+    make_dir(os.path.dirname(os.path.abspath(out)))
+    classifier = args.classifier or default_classifier_path(args.dataset)
+    if not os.path.exists(classifier):
+        make_dir(os.path.dirname(os.path.abspath(classifier)))
+
     columns = []
     with user_errors():  # the samples, the dataset, the classifier file and the tokenizer are the user's files
+        images, labels = load_samples(args.samples) if args.samples else (None, None)
+        tokenizer = tokenizers.load(args.reference_tokenizer) if args.reference_tokenizer else None
         if args.samples:
-            images, labels = load_samples(args.samples)
-            columns.append(("samples", evaluate_images(images, labels, args.dataset, args.data_dir,
-                                                       args.classifier)))
+            columns.append(("samples", evaluate_images(images, labels, args.dataset, args.data_dir, classifier)))
         if args.reference_tokenizer:
-            columns.append(("tokenizer", reference_metrics(args.reference_tokenizer, args.dataset, args.data_dir,
-                                                           args.classifier)))
+            columns.append(("tokenizer", reference_metrics(tokenizer, args.dataset, args.data_dir, classifier,
+                                                           name=os.path.abspath(args.reference_tokenizer))))
     print(format_table(columns))
     if args.samples:
         result = dict(samples=os.path.abspath(args.samples), **columns[0][1])
         if args.reference_tokenizer:
             result["reference"] = columns[1][1]
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples)), "metrics.json")
     else:
         result = columns[0][1]
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.reference_tokenizer)),
-                                       "reference-metrics.json")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{out}: its directory does not exist")
     files.write_json(out, result)
     print(f"-> {out}")
     return result
@@ -417,7 +439,7 @@ def parse_args(argv=None):
                                         "(default: ~/.cache/purrception/classifier-DATASET.pt)")
     p.add_argument("--reference-tokenizer", metavar="RUN/tokenizer.pt",
                    help="also score the test split's reconstructions through this tokenizer: the ceiling")
-    p.add_argument("--out", help="the JSON file to write (default: metrics.json beside the samples, or "
+    p.add_argument("--out", help="the .json file to write (default: metrics.json beside the samples, or "
                                  "reference-metrics.json beside the tokenizer)")
     args = p.parse_args(argv)
     if not args.samples and not args.reference_tokenizer:

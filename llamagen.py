@@ -345,6 +345,8 @@ def load_llamagen(name, ckpt_path, device="cpu"):
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
         checkpoint = files.load_torch(ckpt_path, expected)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("kind"), str):  # one of this repo's own files
+        raise ValueError(f"{ckpt_path}: a checkpoint of kind {checkpoint['kind']!r}; expected {expected}")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{ckpt_path}: expected a state dict of tensors, or one under 'model', as in {expected}")

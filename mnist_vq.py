@@ -289,5 +289,8 @@ def load(path, device="cpu"):
     if found != wanted:
         bad = sorted(set(wanted) ^ set(found)) or [k for k in wanted if wanted[k] != found[k]]
         raise ValueError(f"{path}: weights do not fit its config (first mismatch: {bad[0]})")
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        raise ValueError(f"{path}: its weights are not all finite numbers (a run that diverged); train it again "
+                         f"with a lower --lr")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False)

@@ -52,8 +52,11 @@ def check_codebook(expected, found, where):
 
 def load_for_codes(meta, codebook, device="cpu", path=None, ckpt=None):
     """The tokenizer named in a code set's meta (or the one at `path`), checked against the codes' codebook."""
-    info = meta.get("tokenizer") or {}
-    name = path or info.get("path") or info.get("name", "")
+    info = meta.get("tokenizer")
+    info = info if isinstance(info, dict) else {}
+    name = path or info.get("path") or info.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("the code set's meta.json names no tokenizer; give the tokenizer's path (--tokenizer)")
     tokenizer = load(name, ckpt=ckpt or info.get("ckpt"), device=device)
     check_codebook(codebook, tokenizer.codebook.detach(), f"tokenizer {name}")
     return tokenizer

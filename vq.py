@@ -10,7 +10,9 @@ a code set (data.py) for train.py with it or with a pretrained tokenizer (tokeni
 
 `train` writes RUN/tokenizer.pt (mnist_vq.checkpoint: kind, config, weights, metrics, args), RUN/recon.png (one
 test image of each class above its reconstruction) and RUN/metrics.json (test MSE, PSNR, codebook usage and
-perplexity). The same --seed gives the same weights, on the same machine and software.
+perplexity). The same --seed gives the same weights, on the same machine and software. It refuses a RUN that
+already holds a tokenizer.pt unless given --force: the code sets and flows made with that tokenizer decode only
+through it. A loss that stops being a finite number stops the run at once, and nothing is written.
 
 `encode` writes one view of every MNIST image, and two of every ImageFolder image (the center crop and its
 horizontal flip), in shards; an ImageFolder encode is shared among torchrun's processes and resumes shard by
@@ -33,7 +35,7 @@ import files
 import images
 import mnist_vq
 import tokenizers
-from cli import UserError, check_positive, make_dir, run_command, user_errors
+from cli import UserError, check_positive, make_dir, refuse_overwrite, run_command, user_errors
 from schedule import learning_rate
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -67,13 +69,18 @@ def train(args):
     check_positive(args, "steps", "batch_size", "lr", "limit")
     if not 2 <= args.codebook_size <= 65536:
         raise UserError(f"--codebook-size {args.codebook_size}: expected 2 to 65536 codes (stored as uint16)")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed {args.seed}: expected an integer from 0 to 2**63 - 1")
+    tokenizer_path = os.path.join(args.out, "tokenizer.pt")
+    if not args.force:
+        refuse_overwrite(tokenizer_path)
+    make_dir(args.out)
     with user_errors():
         train_images, _ = data.load_mnist(args.dataset, args.data_dir, "train", download=args.download)
         test_images, test_labels = data.load_mnist(args.dataset, args.data_dir, "test")
     if args.limit:  # the first N images of each split, for quick runs
         train_images = train_images[:args.limit]
         test_images, test_labels = test_images[:args.limit], test_labels[:args.limit]
-    make_dir(args.out)
 
     # The model, then the data order, from one seed: the same --seed gives the same weights
     torch.manual_seed(args.seed)
@@ -95,6 +102,9 @@ def train(args):
         reconstruction, indices, commitment_loss = model(x)
         mse = F.mse_loss(reconstruction, x)
         loss = mse + commitment_loss
+        if not torch.isfinite(loss):  # diverged: stop before anything is written over the last good run
+            raise UserError(f"step {step}: the loss is {loss.item()}, not a finite number (reconstruction MSE "
+                            f"{mse.item()}); lower --lr ({args.lr}); nothing was written to {args.out}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,6 +118,9 @@ def train(args):
     # Evaluate on the test split and save the run
     model.eval()
     test = reconstruction_metrics(model, test_images)
+    if not math.isfinite(test["mse"]):  # the last update broke the weights
+        raise UserError(f"step {args.steps - 1}: after its update the test reconstruction MSE is {test['mse']}, not "
+                        f"a finite number; lower --lr ({args.lr}); nothing was written to {args.out}")
     metrics = {"dataset": args.dataset, "steps": args.steps, "batch_size": args.batch_size,
                "seconds": round(seconds, 1),  # the training loop, without loading and evaluation
                "train_images": len(train_images), "test_images": len(test_images),
@@ -115,8 +128,7 @@ def train(args):
                "test_mse": test["mse"], "test_psnr": test["psnr"],
                "test_usage": test["usage"], "test_perplexity": test["perplexity"],
                "restarts": model.quantizer.restarts}
-    files.save_torch(os.path.join(args.out, "tokenizer.pt"), mnist_vq.checkpoint(model, metrics=metrics,
-                                                                                args=vars(args)))
+    files.save_torch(tokenizer_path, mnist_vq.checkpoint(model, metrics=metrics, args=vars(args)))
     columns = [int(np.nonzero(test_labels == c)[0][0]) for c in np.unique(test_labels)]  # one image per class
     originals = images.to_float(test_images[columns])  # (n, 1, 28, 28)
     reconstructions = model.decode(model.encode(originals))
@@ -168,18 +180,21 @@ def encode(args):
     check_positive(args, "batch_size", "limit")
     if args.dataset == "imagefolder":
         return encode_imagefolder(args)
+    if args.tokenizer in tokenizers.PRETRAINED:
+        raise UserError(f"--tokenizer {args.tokenizer} encodes colour images (--dataset imagefolder); {args.dataset} "
+                        f"wants a tokenizer of `vq.py train` (RUN/tokenizer.pt)")
     if args.tokenizer_ckpt:
         raise UserError(f"--tokenizer-ckpt goes with a pretrained --tokenizer ({', '.join(tokenizers.PRETRAINED)}), "
                         f"not with {args.dataset}")
     meta_path = os.path.join(args.out, "meta.json")
     if os.path.exists(meta_path) and not args.force:
         raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
+    make_dir(args.out)
     with user_errors():
         tokenizer = tokenizers.load(args.tokenizer)
         pixels, labels = data.load_mnist(args.dataset, args.data_dir, args.split)
     if args.limit:
         pixels, labels = pixels[:args.limit], labels[:args.limit]
-    make_dir(args.out)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the old set stops looking complete before any of its shards is replaced
 
@@ -204,12 +219,13 @@ IMAGEFOLDER_SHARD = 10_000  # images per shard: 10,000 x 2 views x 32 x 32 codes
 
 
 def encode_shard(tokenizer, loader, device):
-    """Codes uint16 (n, 2, h, w) of every image of `loader` and of its horizontal flip."""
+    """Codes uint16 (n, 2, h, w) of every image of `loader` and of its horizontal flip; ValueError naming the first
+    image that could not be read."""
     codes = []
     for x, _, problems in loader:
         problem = next((p for p in problems if p), None)
         if problem:
-            raise UserError(problem)
+            raise ValueError(problem)
         x = x.to(device)
         views = torch.stack([tokenizer.encode(x), tokenizer.encode(x.flip(3))], 1)  # (B, 2, h, w)
         codes.append(views.cpu().numpy())
@@ -221,7 +237,8 @@ def encode_imagefolder(args):
 
     Shard i holds images [i * S, (i + 1) * S) of the sorted file list. Under torchrun, rank r encodes the shards
     i = r, r + world, ...; a shard already on disk is skipped, so an interrupted run resumes where it stopped.
-    Rank 0 writes meta.json last, once every shard is there.
+    Rank 0 writes meta.json last, once every shard is there. An unreadable image or a failed write is met by one
+    rank only, in its own shard: that rank names it (cli.UserError's rank_local).
     """
     if args.tokenizer not in tokenizers.PRETRAINED:
         raise UserError(f"--dataset imagefolder wants a pretrained tokenizer: --tokenizer "
@@ -229,21 +246,21 @@ def encode_imagefolder(args):
     check_positive(args, "image_size", "shard_size")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 (decode in this process) or more")
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path) and not args.force:
+        raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
+    make_dir(args.out)
     with distributed.processes() as (rank, world, device):
         with user_errors():
             paths, labels, classes = data.list_imagefolder(args.data_dir)
         if args.limit:
             paths, labels = paths[:args.limit], labels[:args.limit]
-        meta_path = os.path.join(args.out, "meta.json")
-        if os.path.exists(meta_path) and not args.force:
-            raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
         with user_errors():
             tokenizer = tokenizers.load(args.tokenizer, args.tokenizer_ckpt, device)
         if args.image_size % tokenizer.downsample:
             raise UserError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
                             f"downsampling factor {tokenizer.downsample}")
         if rank == 0:
-            make_dir(args.out)
             if args.force and os.path.exists(meta_path):
                 os.remove(meta_path)
                 for name in os.listdir(args.out):
@@ -257,7 +274,12 @@ def encode_imagefolder(args):
             lo, hi = i * args.shard_size, min((i + 1) * args.shard_size, len(paths))
             shard = data.ImageFolderImages(paths[lo:hi], labels[lo:hi], args.image_size)
             loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers)
-            data.write_shard(args.out, i, encode_shard(tokenizer, loader, device), labels[lo:hi])
+            try:
+                data.write_shard(args.out, i, encode_shard(tokenizer, loader, device), labels[lo:hi])
+            except ValueError as e:  # an image of this shard is unreadable
+                raise UserError(str(e), rank_local=True) from None
+            except OSError as e:  # the disk is full, or the directory stopped being writable
+                raise UserError(f"{args.out}: cannot write shard {i} ({e.strerror or e})", rank_local=True) from None
         distributed.barrier(world)  # every shard is on disk
 
         if rank == 0:
@@ -290,6 +312,9 @@ def parse_args(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, help="use only the first N images of each split (quick tests)")
     t.add_argument("--download", action="store_true", help="fetch missing IDX files into --data-dir")
+    t.add_argument("--force", action="store_true",
+                   help="replace the tokenizer.pt of an earlier run in --out: code sets and flows made with it can "
+                        "no longer be decoded")
 
     e = sub.add_parser("encode", help="encode a split into a code set (the format of data.py) for train.py")
     e.add_argument("--tokenizer", required=True,

@@ -1,10 +1,12 @@
 """data.py: IDX files (real Fashion-MNIST and broken copies) and the code-set format."""
 
 import gzip
+import json
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import data
 import vq
@@ -59,6 +61,36 @@ def test_corrupt_gzip_and_missing_files(tmp_path):
         data.read_idx(str(tmp_path / "t10k-labels-idx1-ubyte" / "inside-a-file"))
 
 
+def test_a_damaged_deflate_stream_names_the_file(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + b"\x00" * 20)  # a reserved block type
+    with pytest.raises(ValueError, match=f"{path}: corrupt gzip stream .*invalid block type"):
+        data.read_idx(str(path))
+
+
+def test_labels_out_of_range_and_a_file_for_a_directory(tmp_path):
+    def bad_label(raw):
+        raw = bytearray(raw)
+        raw[8 + 17] = 200  # the 18th label
+        return bytes(raw)
+    for stem in data.MNIST_FILES["test"]:
+        raw = gzip.decompress(open(os.path.join(FASHION_MNIST, stem + ".gz"), "rb").read())
+        (tmp_path / stem).write_bytes(bad_label(raw) if "labels" in stem else raw)
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: labels from 0 to 200; expected classes 0 to 9"):
+        data.load_mnist("fashion-mnist", str(tmp_path), "test")
+    with pytest.raises(NotADirectoryError, match="t10k-labels-idx1-ubyte: a file, not a directory"):
+        data.load_mnist("fashion-mnist", str(tmp_path / "t10k-labels-idx1-ubyte"), "test")
+    with pytest.raises(NotADirectoryError, match="t10k-labels-idx1-ubyte: a file, not a directory .*ImageFolder"):
+        data.list_imagefolder(str(tmp_path / "t10k-labels-idx1-ubyte"))
+
+
+def test_an_oversized_image_is_one_problem(tmp_path, monkeypatch):
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels is then a decompression bomb
+    _, _, problem = data.ImageFolderImages([str(tmp_path / "big.png")], [0], 32)[0]
+    assert problem.startswith(f"{tmp_path / 'big.png'}: not a readable image (Image size (1600 pixels) exceeds")
+
+
 def test_code_set_round_trip_across_shards(tmp_path):
     rng = np.random.default_rng(0)
     codes = [rng.integers(0, 1000, (n, 2, 4, 4)) for n in (5, 3)]
@@ -90,6 +122,15 @@ def test_code_set_errors(tmp_path):
     os.remove(tmp_path / "codes-00000.npy")
     with pytest.raises(FileNotFoundError, match="codes-00000.npy: missing"):
         data.CodeSet(str(tmp_path))
+    np.save(tmp_path / "labels-00000.npy", np.zeros(2))
+    np.save(tmp_path / "codes-00000.npy", np.zeros((2, 2, 3, 3), np.uint16))  # 2 views, meta.json says 1
+    with pytest.raises(ValueError, match=r"codes-00000.npy: expected 2 uint16 code grids \(2, 1, 3, 3\)"):
+        data.CodeSet(str(tmp_path))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    for key, value in (("grid", "3x3"), ("shard_sizes", [2.5]), ("views", 0), ("num_codes", True)):
+        (tmp_path / "meta.json").write_text(json.dumps(dict(meta, **{key: value})))
+        with pytest.raises(ValueError, match=f"meta.json: {key} .* is not what `vq.py encode` writes"):
+            data.CodeSet(str(tmp_path))
     (tmp_path / "meta.json").write_text('{"format": "purrception-codes/1"}')
     with pytest.raises(ValueError, match="meta.json: no num_codes, code_dim"):
         data.CodeSet(str(tmp_path))

@@ -1,6 +1,7 @@
 """evaluate.py: the Frechet distance and coverage on exact answers, then the metrics of real Fashion-MNIST images
 scored by a classifier trained on a slice of the training split."""
 
+import errno
 import json
 import os
 
@@ -11,6 +12,7 @@ import torch
 
 import data
 import evaluate
+import files
 import tokenizers
 from conftest import FASHION_MNIST, run_cli
 
@@ -252,6 +254,11 @@ def test_cli_on_a_missing_file_prints_one_line_and_exits_2(tmp_path):
     ("no arr_0", "no array 'arr_0' (found: images, settings)"),
     ("wrong shape", "expected MNIST-sized uint8 images (N, 28, 28, 1), got uint8 (4, 32, 32, 3)"),
     ("not an npz", "samples.npz: not a readable .npz file"),
+    ("a single array", "samples.npz: not a readable .npz file (not a zip archive of arrays)"),
+    ("truncated npz", "samples.npz: not a readable .npz file (File is not a zip file)"),
+    ("damaged npz", "samples.npz: not a readable .npz file (Bad CRC-32 for file 'arr_0.npy')"),
+    ("a directory", "samples.npz: a directory (expected the samples.npz of sample.py)"),
+    ("a tokenizer", "samples.npz: no array 'arr_0' (found: samples/"),
     ("wrong data dir", "nowhere: no such directory"),
     ("broken classifier", "c.pt: not a readable PyTorch file"),
     ("missing tokenizer", "none.pt: no such file; expected a tokenizer written by `python vq.py train`"),
@@ -266,6 +273,20 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
         _write_samples(npz, np.zeros((4, 32, 32, 3), np.uint8))
     elif case == "not an npz":
         npz.write_text("hello")
+    elif case == "a single array":
+        with open(npz, "wb") as f:
+            np.save(f, np.zeros((4, 28, 28, 1), np.uint8))
+    elif case == "truncated npz":
+        npz.write_bytes(npz.read_bytes()[:300])
+    elif case == "damaged npz":
+        raw = bytearray(npz.read_bytes())
+        raw[200:240] = b"\xff" * 40  # inside arr_0's data
+        npz.write_bytes(bytes(raw))
+    elif case == "a directory":
+        os.remove(npz)
+        npz.mkdir()
+    elif case == "a tokenizer":
+        torch.save({"kind": "mnist-vq", "model": {f"w{i}": torch.zeros(1) for i in range(20)}}, npz)
     elif case == "wrong data dir":
         args[-1] = str(tmp_path / "nowhere")
     elif case == "broken classifier":
@@ -277,3 +298,54 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
         evaluate.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert len(err[0]) < 400  # a line a reader takes in, even for an archive of many arrays
+
+
+@pytest.mark.parametrize("case,message", [
+    ("out is a directory", "--out {tmp}/dir.json: a directory; expected the name of a .json file"),
+    ("out is a tokenizer", "--out {tmp}/tokenizer.pt: expected the name of a .json file"),
+    ("out under a file", "{tmp}/file: exists and is not a directory"),
+    ("classifier under a file", "{tmp}/file: exists and is not a directory"),
+    ("classifier is a directory", "{tmp}/dir.json: a directory; expected a classifier file of evaluate.py"),
+])
+def test_outputs_are_checked_before_the_work(case, message, classifier, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "tokenizer.pt").write_text("a tokenizer")
+    (tmp_path / "dir.json").mkdir()
+    npz = _write_samples(tmp_path / "samples.npz", np.zeros((4, 28, 28, 1), np.uint8))
+    args = ["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--classifier",
+            classifier[0]]
+    args += {"out is a directory": ["--out", str(tmp_path / "dir.json")],
+             "out is a tokenizer": ["--out", str(tmp_path / "tokenizer.pt")],
+             "out under a file": ["--out", str(tmp_path / "file" / "m.json")],
+             "classifier under a file": ["--classifier", str(tmp_path / "file" / "c.pt")],
+             "classifier is a directory": ["--classifier", str(tmp_path / "dir.json")]}[case]
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(evaluate, "extract", lambda *a, **k: pytest.fail("scored before checking"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message.format(tmp=tmp_path) in err[0]
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "tokenizer.pt").read_text() == "a tokenizer"
+    assert sorted(os.listdir(tmp_path)) == ["dir.json", "file", "samples.npz", "tokenizer.pt"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_metrics(classifier, test_split, tmp_path, monkeypatch, capsys):
+    npz = _write_samples(tmp_path / "samples.npz", test_split[0][:50, :, :, None], test_split[1][:50])
+    (tmp_path / "metrics.json").write_text('{"fid": 1.0}\n')
+    real_write = files.atomic_write
+
+    def full_disk(path, write, mode="wb"):
+        def write_some(f):
+            f.write("{" if "b" not in mode else b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, write_some, mode)
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
+                       "--classifier", classifier[0]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        "error: writing a file: No space left on device"]
+    assert (tmp_path / "metrics.json").read_text() == '{"fid": 1.0}\n' and not list(tmp_path.glob("*.tmp"))

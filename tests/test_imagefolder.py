@@ -1,8 +1,10 @@
 """The ImageNet path on a tiny ImageFolder tree and random LlamaGen weights: encode (with flips, sharded over 2
 torchrun ranks, resumable), train on the 2-view codes, sample through the pretrained tokenizer, bad input."""
 
+import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +12,12 @@ import torch
 from PIL import Image
 
 import data
+import files
 import sample
 import tokenizers
 import train
 import vq
+from cli import UserError
 from conftest import run_cli
 from llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ
 
@@ -71,8 +75,11 @@ def test_encode_resumes_shard_by_shard(tree, codes, tmp_path):
     vq.main(encode_args(tree, out))
     assert os.stat(out / "codes-00001.npy").st_mtime_ns == kept and (out / "codes-00002.npy").exists()
     assert np.array_equal(data.CodeSet(str(out)).get(np.arange(10))[0], data.CodeSet(str(codes)).get(np.arange(10))[0])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     rc, _, err = run_cli("vq.py", *encode_args(tree, out))
-    assert rc == 2 and "already exists; pass --force" in err
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: {out}: a code set already exists; pass --force to overwrite"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     vq.main(encode_args(tree, out, "--force"))
 
 
@@ -118,3 +125,60 @@ def test_an_unreadable_image_is_one_line_from_a_worker(tree, tmp_path):
     assert err.strip().splitlines()[-1] == f"error: {bad}: not a readable image (cannot identify image file '{bad}')"
     item = data.ImageFolderImages([str(root / "n01440764" / "1.png")], [0], 32)[0]
     assert item[0].shape == (3, 32, 32) and item[1] == 0 and "1.png: not a readable image" in item[2]
+
+
+def test_an_unreadable_image_is_named_by_the_rank_that_met_it(tree, tmp_path):
+    """Rank 1 encodes shards 1 and 3 (images 3-5 and 9 of the sorted list): image 4 is the last of the first class."""
+    root = tmp_path / "train"
+    shutil.copytree(tree / "train", root)
+    bad = root / "n01440764" / "4.png"
+    bad.write_bytes(b"not a png")
+    args = encode_args(tree, tmp_path / "c")
+    args[args.index("--data-dir") + 1] = str(root)
+    rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 vq.py", *args)
+    assert rc != 0
+    assert f"error: rank 1: {bad}: not a readable image (cannot identify image file '{bad}')" in err.splitlines()
+    assert not (tmp_path / "c" / "meta.json").exists()
+
+
+def test_a_full_disk_writing_a_shard_is_one_line_from_its_rank(tree, tmp_path, monkeypatch, capsys):
+    def full_disk(f, array, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.np, "save", full_disk)
+    out = tmp_path / "c"
+    with pytest.raises(UserError) as error:
+        vq.encode(vq.parse_args(encode_args(tree, out)))
+    assert error.value.rank_local and str(error.value) == f"{out}: cannot write shard 0 (No space left on device)"
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(encode_args(tree, out))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: {out}: cannot write shard 0 (No space left on device)"
+    assert os.listdir(out) == []  # no shard, no half of one
+
+
+def test_an_output_that_is_a_file_is_one_line_before_any_work(tree, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr(data, "list_imagefolder", lambda root: pytest.fail("listed the images before checking --out"))
+    for out in (tmp_path / "file", tmp_path / "file" / "codes"):
+        with pytest.raises(SystemExit) as exit_info:
+            vq.main(encode_args(tree, out))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--image-size", "0", "--image-size 0: expected a positive number"),
+    ("--shard-size", "-1", "--shard-size -1: expected a positive number"),
+    ("--workers", "-1", "--workers -1: expected 0 (decode in this process) or more"),
+    ("--batch-size", "0", "--batch-size 0: expected a positive number"),
+])
+def test_bad_numbers_are_one_line(tree, tmp_path, capsys, flag, value, message):
+    args = encode_args(tree, tmp_path / "c")
+    args[args.index(flag) + 1] = value
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(args)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "c").exists()

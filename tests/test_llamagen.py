@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,15 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(ValueError) as info:
         load_llamagen("llamagen-vq16", str(junk))
     assert "\n" not in str(info.value)
+
+
+def test_a_file_of_another_kind_is_named(tmp_path):
+    tokenizer = tmp_path / "tokenizer.pt"
+    torch.save({"kind": "mnist-vq", "config": {}, "model": {"encoder.net.0.weight": torch.zeros(1)}}, tokenizer)
+    with pytest.raises(ValueError, match=f"{tokenizer}: a checkpoint of kind 'mnist-vq'; expected LlamaGen's "
+                                         f"vq_ds16_c2i.pt"):
+        load_llamagen("llamagen-vq16", str(tokenizer))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=f"{samples}: not a readable PyTorch file"):
+        load_llamagen("llamagen-vq16", str(samples))

@@ -262,12 +262,12 @@ def test_missing_codes_dir(tmp_path):
 
 @pytest.mark.parametrize("objective", ["purrception", "dfm"])
 def test_logged_loss_and_loss_by_t_at_the_initial_zero_logits(codes_dir, tmp_path, objective):
-    """adaLN-Zero starts every output at 0: with --lr 0 the logits stay 0, so every logged loss (averaged over
-    steps, micro-batches and ranks) and every loss-by-t bin is exactly the cross-entropy of a uniform posterior,
-    log K, plus for Purrception the z-loss 1e-5 * log(K)^2."""
+    """adaLN-Zero starts every output at 0: with --lr 1e-30 the logits stay 0 to float precision, so every logged
+    loss (averaged over steps, micro-batches and ranks) and every loss-by-t bin is the cross-entropy of a uniform
+    posterior, log K, plus for Purrception the z-loss 1e-5 * log(K)^2."""
     run = tmp_path / "run"
     train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "6", *SMALL,
-                "--log-every", "3", "--lr", "0", "--grad-accum", "2"])
+                "--log-every", "3", "--lr", "1e-30", "--grad-accum", "2"])
     log_k = np.log(256)
     expected = log_k + (1e-5 * log_k ** 2 if objective == "purrception" else 0)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -2,6 +2,7 @@
 loading; then both commands of vq.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir`
 fixtures of conftest.py) and their one-line errors."""
 
+import errno
 import json
 import math
 
@@ -178,9 +179,14 @@ def test_encode_refuses_an_existing_code_set_without_force(tokenizer_run, tmp_pa
             "--out", str(tmp_path / "codes")]
     vq.main(args)
     assert len(data.CodeSet(str(tmp_path / "codes"))) == 100
+    before = contents(tmp_path / "codes")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         vq.main(args)
-    assert exit_info.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'codes'}: a code set already exists; pass --force to overwrite"]
+    assert contents(tmp_path / "codes") == before
     meta = vq.main(args + ["--force", "--limit", "50"])
     assert meta["split"] == "test" and len(data.CodeSet(str(tmp_path / "codes"))) == 50
 
@@ -244,3 +250,143 @@ def test_an_interrupted_write_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(str(tmp_path / "tokenizer.pt"), interrupted)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- a user's mistakes: one line, exit status 2, before any work, and the files already there untouched ------
+
+def contents(directory):
+    """{name: bytes} of the files in a directory, to compare before and after."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture
+def old_run(tokenizer_run, tmp_path):
+    """A copy of the session's tokenizer run, for a test to try to overwrite."""
+    import shutil
+    shutil.copytree(tokenizer_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def train_args(out, *extra):
+    return ["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out), "--limit", "64",
+            "--steps", "3", "--batch-size", "32", *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lr", "1e30", "--force"], "step 1: the loss is nan, not a finite number"),
+    (["--lr", "1e30", "--force", "--steps", "1"], "step 0: after its update the test reconstruction MSE is nan"),
+])
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_run(old_run, capsys, extra, message):
+    before = contents(old_run)
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(train_args(old_run, *extra))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and message in error_lines(err)[0] and "lower --lr" in err
+    assert contents(old_run) == before
+
+
+def test_train_refuses_to_replace_a_tokenizer_without_force(old_run, capsys):
+    before = contents(old_run)
+    rc, _, err = run_cli("vq.py", *train_args(old_run))
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: {old_run / 'tokenizer.pt'} exists: pass --force to replace it, or choose another --out"]
+    assert contents(old_run) == before
+    vq.main(train_args(old_run, "--force"))
+    assert contents(old_run)["tokenizer.pt"] != before["tokenizer.pt"]
+    assert json.loads((old_run / "metrics.json").read_text())["steps"] == 3
+    assert not list(old_run.glob("*.tmp"))
+    with pytest.raises(SystemExit):
+        vq.parse_args(["train", "--help"])
+    assert "--force" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (train_args("OUT", "--lr", "nan"), "--lr nan: expected a positive number"),
+    (train_args("OUT", "--lr", "inf"), "--lr inf: expected a positive number"),
+    (train_args("OUT", "--lr", "-1"), "--lr -1.0: expected a positive number"),
+    (train_args("OUT", "--steps", "0"), "--steps 0: expected a positive number"),
+    (train_args("OUT", "--batch-size", "-2"), "--batch-size -2: expected a positive number"),
+    (train_args("OUT", "--limit", "0"), "--limit 0: expected a positive number"),
+    (train_args("OUT", "--codebook-size", "1"), "--codebook-size 1: expected 2 to 65536 codes"),
+    (train_args("OUT", "--codebook-size", "65537"), "--codebook-size 65537: expected 2 to 65536 codes"),
+    (train_args("OUT", "--seed", str(2 ** 70)), f"--seed {2 ** 70}: expected an integer from 0"),
+    (["encode", "--tokenizer", "TOKENIZER", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", "OUT",
+      "--batch-size", "0"], "--batch-size 0: expected a positive number"),
+    (["encode", "--tokenizer", "TOKENIZER", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", "OUT",
+      "--limit", "-5"], "--limit -5: expected a positive number"),
+])
+def test_bad_numbers_are_one_line_before_any_work(tmp_path, tokenizer_run, capsys, args, message):
+    swap = {"OUT": str(tmp_path / "out"), "TOKENIZER": str(tokenizer_run / "tokenizer.pt")}
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main([swap.get(a, a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("out is a file", "{tmp}/FILE: exists and is not a directory"),
+    ("out under a file", "{tmp}/FILE/run: cannot create the output directory (Not a directory)"),
+    ("data-dir is a file", "{tmp}/FILE: a file, not a directory (expected the fashion-mnist IDX files there)"),
+    ("data-dir is a code set", "{codes}/train-images-idx3-ubyte[.gz]: missing fashion-mnist train file"),
+    ("tokenizer is a samples.npz", "{tmp}/samples.npz: not a readable PyTorch file"),
+    ("tokenizer is a run directory", "{run}: no such file; expected a tokenizer written by `python vq.py train`"),
+    ("tokenizer is pretrained", "--tokenizer llamagen-vq16 encodes colour images (--dataset imagefolder)"),
+])
+def test_bad_paths_and_files_are_one_line_before_any_work(tmp_path, tokenizer_run, codes_dir, monkeypatch, capsys,
+                                                          case, message):
+    (tmp_path / "FILE").write_text("mine")
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))
+    encode = ["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--dataset", "fashion-mnist",
+              "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "codes")]
+    args = {"out is a file": train_args(tmp_path / "FILE"),
+            "out under a file": train_args(tmp_path / "FILE" / "run"),
+            "data-dir is a file": train_args(tmp_path / "run", "--data-dir", str(tmp_path / "FILE")),
+            "data-dir is a code set": encode + ["--data-dir", str(codes_dir)],
+            "tokenizer is a samples.npz": encode + ["--tokenizer", str(tmp_path / "samples.npz")],
+            "tokenizer is a run directory": encode + ["--tokenizer", str(tokenizer_run)],
+            "tokenizer is pretrained": encode + ["--tokenizer", "llamagen-vq16", "--tokenizer-ckpt", "x.pt"]}[case]
+    if case.startswith("out"):  # the output is checked before the data is read
+        monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("read the data before checking --out"))
+    run_before, codes_before = contents(tokenizer_run), contents(codes_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert message.format(tmp=tmp_path, run=tokenizer_run, codes=codes_dir) in err
+    assert (tmp_path / "FILE").read_text() == "mine"
+    assert contents(tokenizer_run) == run_before and contents(codes_dir) == codes_before
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_run_whole(old_run, monkeypatch, capsys):
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    before = contents(old_run)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        vq.main(train_args(old_run, "--force"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and "No space left on device" in error_lines(err)[0]
+    assert contents(old_run) == before and not list(old_run.glob("*.tmp"))
+
+
+def test_a_tokenizer_that_diverged_is_refused(tokenizer_run, tmp_path):
+    ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
+    ckpt["model"]["decoder.net.0.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="nan.pt: its weights are not all finite numbers"):
+        tokenizers.load(str(tmp_path / "nan.pt"))
+
+
+def test_a_code_set_that_names_no_tokenizer(codes_dir):
+    codebook = np.load(codes_dir / "codebook.npy")
+    for meta in ({}, {"tokenizer": "runs/vq/tokenizer.pt"}, {"tokenizer": {"path": 3}}):
+        with pytest.raises(ValueError, match="meta.json names no tokenizer; give the tokenizer's path"):
+            tokenizers.load_for_codes(meta, codebook)
