@@ -14,7 +14,6 @@ import math
 import os
 import sys
 
-import torch.distributed
 
 
 DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
@@ -52,8 +51,7 @@ def user_errors():
 
 def run_command(command, *args):
     """A script's entry point: a UserError becomes one line on stderr and exit status 2; Ctrl-C exits with 130,
-    after whatever the command saves on its way out. Under torchrun, a rank whose peer stopped (the collective it
-    waited in fails) says so in one line instead of a traceback: the peer has said why."""
+    after whatever the command saves on its way out."""
     rank = int(os.environ.get("RANK", "0"))
     try:
         return command(*args)
@@ -71,11 +69,6 @@ def run_command(command, *args):
             raise
         print(f"error: {e.filename or 'writing a file'}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
-    except torch.distributed.DistError:
-        if "RANK" not in os.environ:
-            raise
-        print(f"error: rank {rank}: another process stopped (its error is above)", file=sys.stderr)
-        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cli import UserError
+
 
 @contextlib.contextmanager
 def processes():
@@ -37,15 +39,26 @@ def processes():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def peers():
+    """Around a collective: a peer that stopped (after saying why) makes it fail; say so in one line."""
+    try:
+        yield
+    except RuntimeError:
+        raise UserError("another process of this run stopped (its error is above)") from None
+
+
 def barrier(world):
     if world > 1:
-        dist.barrier()
+        with peers():
+            dist.barrier()
 
 
 def all_reduce_mean(x, world):
     """The mean of tensor x over ranks, in place."""
     if world > 1:
-        dist.all_reduce(x)
+        with peers():
+            dist.all_reduce(x)
         x /= world
     return x
 
@@ -55,7 +68,8 @@ def all_gather_object(obj, world):
     if world == 1:
         return [obj]
     every = [None] * world
-    dist.all_gather_object(every, obj)
+    with peers():
+        dist.all_gather_object(every, obj)
     return every
 
 

@@ -21,6 +21,9 @@ def atomic_write(path, write, mode="wb"):
         with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the temporary one or none
+        e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,6 +57,8 @@ def copy(source, path):
 
 def load_torch(path, expected, weights_only=True):
     """torch.load to the CPU, or FileNotFoundError / ValueError naming `path` and what was `expected` there."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a directory; expected {expected}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; expected {expected}")
     try:

@@ -132,7 +132,8 @@ class LossByT:
         first = self.first_nonfinite.clone()
         if world > 1:  # the earliest over ranks; 0 (all finite) counts as never
             first = torch.where(first == 0, torch.iinfo(torch.long).max, first)
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            with distributed.peers():
+                dist.all_reduce(first, op=dist.ReduceOp.MIN)
             first = torch.where(first == torch.iinfo(torch.long).max, 0, first)
         if first.item():
             raise UserError(f"step {first.item()}: the loss is not a finite number; training stopped, and the last "
@@ -227,7 +228,8 @@ def check_ranks_in_sync(model, world):
         return
     mine = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
     every = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
+    with distributed.peers():
+        dist.all_gather(every, mine)
     if any(not torch.equal(other, every[0]) for other in every):
         raise RuntimeError(f"ranks hold different weights: checksums {[x.item() for x in every]}")
 

@@ -138,6 +138,9 @@ def test_an_unreadable_image_is_named_by_the_rank_that_met_it(tree, tmp_path):
     rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 vq.py", *args)
     assert rc != 0
     assert f"error: rank 1: {bad}: not a readable image (cannot identify image file '{bad}')" in err.splitlines()
+    # rank 0, waiting for rank 1 at the barrier, says why in one line rather than a gloo traceback
+    assert "error: another process of this run stopped (its error is above)" in err.splitlines()
+    assert "gloo" not in err and "Connection closed" not in err
     assert not (tmp_path / "c" / "meta.json").exists()
 
 
