@@ -35,7 +35,6 @@ The reconstructions of the test split through a VQ tokenizer (--reference-tokeni
 flow over its codes: a flow can at best reproduce the tokenizer's codes of real images.
 """
 
-import argparse
 import functools
 import os
 import sys
@@ -51,7 +50,7 @@ from tqdm import tqdm
 
 import files
 import tokenizers
-from cli import UserError, make_dir, run_command, user_errors
+from cli import ArgumentParser, UserError, make_dir, run_command, user_errors
 from data import CLASS_NAMES, load_mnist
 from images import to_float, to_uint8
 
@@ -430,7 +429,7 @@ def evaluate(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Score MNIST-sized samples: classifier accuracy, FID-LeNet and "
+    p = ArgumentParser(description="Score MNIST-sized samples: classifier accuracy, FID-LeNet and "
                                             "per-class coverage against the real test split.")
     p.add_argument("--samples", help="the samples.npz of sample.py (arr_0: uint8 N x 28 x 28 x 1, labels)")
     p.add_argument("--dataset", required=True, choices=list(CLASS_NAMES))

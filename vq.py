@@ -19,7 +19,6 @@ horizontal flip), in shards; an ImageFolder encode is shared among torchrun's pr
 shard. meta.json, written last, records the tokenizer (tokenizers.record) so sample.py can decode the codes.
 """
 
-import argparse
 import math
 import os
 import time
@@ -35,7 +34,7 @@ import files
 import images
 import mnist_vq
 import tokenizers
-from cli import UserError, check_positive, make_dir, refuse_overwrite, run_command, user_errors
+from cli import ArgumentParser, UserError, check_positive, make_dir, refuse_overwrite, run_command, user_errors
 from schedule import learning_rate
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -297,7 +296,7 @@ def encode_imagefolder(args):
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the MNIST / Fashion-MNIST VQ tokenizer, or encode a dataset "
+    p = ArgumentParser(description="Train the MNIST / Fashion-MNIST VQ tokenizer, or encode a dataset "
                                             "into a code set for train.py.")
     sub = p.add_subparsers(dest="command", required=True)
 

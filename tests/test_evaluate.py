@@ -347,5 +347,5 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_metrics(classifier, test_spl
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
-        "error: writing a file: No space left on device"]
+        f"error: {tmp_path / 'metrics.json'}: No space left on device"]
     assert (tmp_path / "metrics.json").read_text() == '{"fid": 1.0}\n' and not list(tmp_path.glob("*.tmp"))
