@@ -7,8 +7,9 @@ Training throughput of the DiT on the Purrception objective: steps/s, images/s, 
 What is timed: train.py's training step (train.train_step) on the Purrception objective (cross-entropy over the
 K codes at every grid position plus the z-loss): forward, backward, gradient clipping, AdamW and the EMA update,
 on random code grids of --grid x --grid (32 x 32 is ImageNet-256 with an 8x tokenizer: 256 tokens at patch
-size 2) with codes of dimension --in-dim. The network outputs K = --codebook-size logits per position. --warmup steps are run first (torch.compile
-compiles during them), then --steps steps are timed, with the device synchronised before each clock read.
+size 2) with codes of dimension --in-dim. The network outputs K = --codebook-size logits per position. --warmup
+steps are run first (torch.compile compiles during them), then --steps steps are timed, with the device
+synchronised before each clock read. A configuration that does not fit in the device's memory is an OOM row.
 
 FLOPs are the model's analytic count (DiT.flops_per_forward: every matrix product, a multiply-add counted as
 2 FLOPs, the output head over the K codes included) times 3 for a training step (forward, and a backward that
@@ -17,7 +18,6 @@ MFU = achieved FLOP/s / the device's dense peak: bf16 for --dtype bf16, TF32 for
 enabled on CUDA), looked up by device name or given with --peak-tflops. On a CPU without --peak-tflops: n/a.
 """
 
-import argparse
 import copy
 import datetime
 import gc
@@ -33,7 +33,7 @@ import distributed
 import files
 import train
 import vfm
-from cli import UserError, run_command
+from cli import ArgumentParser, UserError, check_non_negative, check_positive, check_seed, make_dir, run_command
 from dit import DiT_models, build_dit
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (name fragment, bf16, tf32), first match wins.
@@ -121,7 +121,9 @@ def run_config(name, dtype, compiled, args, device, flops_per_image, params):
            "batch": str(args.batch_size), "GFLOP/image/step": f"{flops_per_image / 1e9:.4g}"}
     try:
         seconds, memory = time_training(name, dtype, compiled, args, device)
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
         row.update({"steps/s": "OOM", "images/s": "OOM", "TFLOP/s": "-", "MFU": "-", "peak mem (GiB)": "-"})
         return row
     finally:
@@ -153,10 +155,28 @@ def table(rows):
     return files.markdown_table(COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
 
 
+def read_markdown(path):
+    """The text of the markdown file to append to (a new one starts with a title), or a UserError saying why it
+    cannot be one."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path}: a directory; expected a markdown file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--out {path}: its directory does not exist")
+    make_dir(os.path.dirname(os.path.abspath(path)))  # writable, or one line saying why not
+    if not os.path.exists(path):
+        return NEW_FILE_HEADER
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"--out {path}: not a text file; expected a markdown file to append to") from None
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot read ({e.strerror})") from None
+
+
 def append_markdown(path, text):
-    """Append a section to a markdown file (a new one starts with a title), written atomically."""
-    old = open(path).read() if os.path.exists(path) else NEW_FILE_HEADER
-    files.write_text(path, old.rstrip("\n") + "\n\n" + text)
+    """Append a section to a markdown file, written atomically."""
+    files.write_text(path, read_markdown(path).rstrip("\n") + "\n\n" + text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,7 +184,7 @@ def append_markdown(path, text):
 # ----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Training throughput and MFU of the DiT on the Purrception objective.")
+    p = ArgumentParser(description="Training throughput and MFU of the DiT on the Purrception objective.")
     p.add_argument("--models", nargs="+", default=["DiT-B/2"], choices=list(DiT_models), metavar="MODEL",
                    help=f"one or more of: {', '.join(DiT_models)}")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
@@ -181,20 +201,18 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU, instead of the table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="append a dated section with the table to this markdown file")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "steps", "grid", "in_dim", "codebook_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.num_classes < 0:
-        p.error("--warmup and --num-classes must be >= 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
-    return args
+    p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
+    p.add_argument("--out", default=None, help="append a dated section with the table to this markdown file (in a "
+                   "directory that exists)")
+    return p.parse_args(argv)
 
 
 def bench(args, command):
+    check_positive(args, "batch_size", "steps", "grid", "in_dim", "codebook_size", "threads", "peak_tflops")
+    check_non_negative(args, "warmup", "num_classes")
+    check_seed(args)
+    if args.out:
+        read_markdown(args.out)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -203,6 +221,8 @@ def bench(args, command):
         raise UserError(f"--device {args.device}: this benchmark runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

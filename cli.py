@@ -103,6 +103,13 @@ def check_finite(args, *names):
             raise UserError(f"{_flag(name)} {value}: expected a finite number")
 
 
+def check_seed(args, name="seed"):
+    """--seed must be an integer in [0, 2^32), the range every random generator here takes."""
+    value = getattr(args, name)
+    if not 0 <= value < 2**32:
+        raise UserError(f"{_flag(name)} {value}: expected an integer in [0, 2^32)")
+
+
 def check_fraction(args, *names):
     """--name must lie in [0, 1]."""
     for name in names:

@@ -50,6 +50,30 @@ def save_figure(fig, path, **kw):
     atomic_write(path, lambda f: fig.savefig(f, format="png", **{"dpi": 110, **kw}))
 
 
+def figure(fig, **kw):
+    """A writer of a matplotlib figure as a PNG, for write_together (kw: savefig's arguments); it closes the
+    figure once written."""
+    def write(path):
+        save_figure(fig, path, **kw)
+        import matplotlib.pyplot as plt  # optional: only the scripts that draw need matplotlib
+        plt.close(fig)
+    return write
+
+
+def write_together(writers):
+    """{path: write(path)}: each file is first written whole beside its target (with the writers above), then
+    all are renamed over their targets. A failure while writing (a full disk) leaves every target as it was."""
+    try:
+        for path, write in writers.items():
+            write(path + ".new")
+        for path in writers:
+            os.replace(path + ".new", path)
+    finally:
+        for path in writers:
+            if os.path.exists(path + ".new"):
+                os.remove(path + ".new")
+
+
 def copy(source, path):
     with open(source, "rb") as src:
         atomic_write(path, lambda f: shutil.copyfileobj(src, f))

@@ -26,13 +26,14 @@ import files
 import flows
 import images
 import vfm
-from cli import (ArgumentParser, UserError, check_finite, check_positive, make_dir, refuse_overwrite,
-                 run_command, user_errors)
+from cli import (ArgumentParser, UserError, check_finite, check_positive, check_seed, make_dir,
+                 refuse_overwrite, run_command, user_errors)
 
 
 def sample(args):
     check_positive(args, "num_samples", "steps", "batch_size")
     check_finite(args, "cfg_scale")
+    check_seed(args)
     with user_errors():
         vfm.parse_temperature(args.temperature)
     make_dir(args.out)

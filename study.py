@@ -13,18 +13,22 @@ same backbone and budget; (2) the softmax temperature is a training-free quality
 (3) as a continuous flow it samples well with few steps and higher-order solvers.
 
 Every subcommand writes OUT/NAME.md (a markdown table, also printed), OUT/NAME.json (every number behind it,
-with the settings and wall times) and OUT/NAME*.png. The code of each claim is in studies/NAME.py: `--budget
-full` runs the settings of its budget table; `--budget tiny` runs the same code in seconds (for the tests; its
-numbers mean nothing). Image quality is scored by evaluate.py: classifier accuracy on the conditioning labels
-and FID-LeNet against the real images. Samples are drawn exactly as `python sample.py --seed S --batch-size 250`
-draws them (labels 0, 1, ..., 9, 0, 1, ... and EMA weights), so any row can be reproduced with sample.py and
-evaluate.py.
+with the settings and wall times) and OUT/NAME*.png, all together when it ends: a run that fails or is stopped
+leaves --out as it was. Where these files exist from an earlier run, a study refuses to start unless --force,
+which replaces them (`convergence` on images resumes its training runs in OUT/runs instead).
+
+The code of each claim is in studies/NAME.py: `--budget full` runs the settings of its budget table; `--budget
+tiny` runs the same code in seconds (for the tests; its numbers mean nothing). Image quality is scored by
+evaluate.py: classifier accuracy on the conditioning labels and FID-LeNet against the real images; the IDX files
+and the classifier are checked before any training or sampling. Samples are drawn exactly as `python sample.py
+--seed S --batch-size 250` draws them (labels 0, 1, ..., 9, 0, 1, ... and EMA weights), so any row can be
+reproduced with sample.py and evaluate.py.
 """
 
 import argparse
 import sys
 
-from cli import make_dir, run_command
+from cli import ArgumentParser, check_seed, make_dir, run_command
 from studies import convergence, solvers, temperature, uncertainty
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
@@ -45,13 +49,17 @@ BUDGET_HELP = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--budget", choices=("tiny", "full"), default="full",
                         help="full: the study as described above; tiny: seconds, for the tests")
-    common.add_argument("--out", default="runs/study", help="where the tables, JSON and figures go")
-    common.add_argument("--seed", type=int, default=0, help="training and sampling seed (toys: the first seed)")
+    common.add_argument("--out", default="runs/study", help="where the tables, JSON and figures go (an earlier "
+                        "run's are replaced only with --force)")
+    common.add_argument("--seed", type=int, default=0, help="training and sampling seed in [0, 2^32) (toys: the "
+                        "first seed)")
+    common.add_argument("--force", action="store_true", help="replace the table, JSON and figures of an earlier "
+                        "run of this subcommand in --out")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"convergence": "(1) quality vs training iterations for the four objectives",
              "temperature": "(2) quality vs softmax temperature on a Purrception checkpoint",
@@ -84,6 +92,7 @@ COMMANDS = {"convergence": convergence.run, "temperature": temperature.run, "sol
 
 
 def run(args):
+    check_seed(args)
     make_dir(args.out)
     return COMMANDS[args.command](args)
 

@@ -33,8 +33,8 @@ import flows
 import images
 import tokenizers
 import vfm
-from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_positive, make_dir,
-                 run_command, user_errors)
+from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_positive, check_seed,
+                 make_dir, run_command, user_errors)
 from data import CodeSet
 from dit import DiT_models
 from schedule import learning_rate
@@ -200,7 +200,7 @@ def checked_resume(args, codes, ckpt_path, rank):
                             f"{codes.meta[key]}")
     with user_errors():
         tokenizers.check_codebook(codes.codebook, ckpt["codebook"], ckpt_path)
-    for key in ("model", "objective"):
+    for key in ("model", "objective", "seed"):
         if ckpt["args"][key] != getattr(args, key):
             raise UserError(f"{ckpt_path}: trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
     return ckpt
@@ -310,6 +310,7 @@ def check_args(args):
     check_positive(args, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "lr")
     check_non_negative(args, "warmup_steps", "weight_decay", "z_loss", "keep_every", "sample_every")
     check_fraction(args, "ema_decay", "p_uncond")
+    check_seed(args)
     if not args.grad_clip > 0:  # a negative norm would scale the gradient by a negative factor and climb
         raise UserError(f"--grad-clip {args.grad_clip}: expected a number > 0 (inf: no clipping)")
     if args.keep_every % args.ckpt_every:
@@ -344,7 +345,7 @@ def _train(args, rank, world, device):
     objective.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # synced once (decay 0), then updated every step
     torch.manual_seed(args.seed * world + rank)
-    np.random.seed(args.seed * world + rank)
+    np.random.seed((args.seed * world + rank) % 2**32)
     opt = build_optimizer(raw_model, args.lr, args.weight_decay, device)
     precision, autocast = distributed.autocast_context(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -34,7 +34,8 @@ import files
 import images
 import mnist_vq
 import tokenizers
-from cli import ArgumentParser, UserError, check_positive, make_dir, refuse_overwrite, run_command, user_errors
+from cli import (ArgumentParser, UserError, check_positive, check_seed, make_dir, refuse_overwrite, run_command,
+                 user_errors)
 from schedule import learning_rate
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -68,8 +69,7 @@ def train(args):
     check_positive(args, "steps", "batch_size", "lr", "limit")
     if not 2 <= args.codebook_size <= 65536:
         raise UserError(f"--codebook-size {args.codebook_size}: expected 2 to 65536 codes (stored as uint16)")
-    if not 0 <= args.seed < 2 ** 63:
-        raise UserError(f"--seed {args.seed}: expected an integer from 0 to 2**63 - 1")
+    check_seed(args)
     tokenizer_path = os.path.join(args.out, "tokenizer.pt")
     if not args.force:
         refuse_overwrite(tokenizer_path)

@@ -1,6 +1,10 @@
 """
 What every study shares: its outputs (a markdown table, a JSON record, figures), drawing samples from a trained
 flow exactly as sample.py draws them, and scoring images with evaluate.py.
+
+Outputs are written together at the end, once every number and figure exists: a run that fails or is
+interrupted before then leaves what an earlier run wrote in --out as it was. A study refuses to start where its
+outputs already exist, unless --force.
 """
 
 import os
@@ -8,10 +12,11 @@ import time
 
 import numpy as np
 
+import data
 import evaluate
 import files
 import flows
-from cli import UserError, user_errors
+from cli import UserError, make_dir, user_errors
 
 SAMPLE_BATCH = 250  # sample.py's default batch: sample i gets the same noise as `sample.py --seed S`
 
@@ -26,13 +31,30 @@ def clock():
     return time.time(), time.process_time()
 
 
-def write_outputs(args, name, table, note, record, start):
-    """OUT/NAME.md (the table, then a note on how it was measured) and OUT/NAME.json; print both."""
+def output_paths(args, name, figures):
+    """OUT/NAME.md, OUT/NAME.json and OUT/FIGURE.png for each figure name."""
+    return [os.path.join(args.out, f) for f in (f"{name}.md", f"{name}.json", *(f"{fig}.png" for fig in figures))]
+
+
+def refuse_to_replace(args, name, figures=None):
+    """Before any work: the outputs of an earlier run (NAME.md, NAME.json and the figures, by default NAME.png)
+    stay unless --force."""
+    existing = [path for path in output_paths(args, name, figures or [name]) if os.path.exists(path)]
+    if existing and not args.force:
+        raise UserError(f"{existing[0]} exists (an earlier run): pass --force to replace that run's outputs, or "
+                        f"choose another --out")
+
+
+def write_outputs(args, name, table, note, record, start, figures):
+    """OUT/NAME.md (the table, then a note on how it was measured), OUT/NAME.json and OUT/FIGURE.png for each of
+    figures {FIGURE: files.figure(fig)}, written together; print the table."""
     record = dict(command=args.command_line, budget=args.budget, seconds=round(time.time() - start[0], 1),
                   cpu_seconds=round(time.process_time() - start[1], 1), **record)
     text = f"{table}\n{note}"
-    files.write_text(os.path.join(args.out, f"{name}.md"), text + "\n")
-    files.write_json(os.path.join(args.out, f"{name}.json"), record)
+    md, js, *pngs = output_paths(args, name, figures)
+    files.write_together({md: lambda path: files.write_text(path, text + "\n"),
+                    js: lambda path: files.write_json(path, record),
+                    **dict(zip(pngs, figures.values()))})
     print(text)
     print(f"{args.out}/{name}.md, {name}.json, {name}*.png written in {record['seconds']:.0f} s "
           f"({record['cpu_seconds']:.0f} CPU seconds)")
@@ -52,11 +74,6 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def save_figure(fig, args, name, **kw):
-    files.save_figure(fig, os.path.join(args.out, f"{name}.png"), **kw)
-    pyplot().close(fig)
 
 
 def log_ticks(ax, values):
@@ -82,7 +99,7 @@ def metric_panels(plt, title):
     return fig, axes
 
 
-def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel, reference=None, log_x=None):
+def figure_metrics_vs(rows, series_key, x_key, series, title, xlabel, reference=None, log_x=None):
     """Accuracy and FID-LeNet against x_key, a line per series; log_x: the x values to label on a log axis."""
     plt = pyplot()
     fig, axes = metric_panels(plt, title)
@@ -100,7 +117,7 @@ def figure_metrics_vs(args, name, rows, series_key, x_key, series, title, xlabel
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, args, name)
+    return files.figure(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,8 +130,16 @@ def need(value, message):
     return value
 
 
-def need_data_dir(args):
-    return need(args.data_dir, "scoring images needs --data-dir (the directory of the dataset's IDX files)")
+def need_scoring(dataset, args):
+    """Before any training or sampling: the dataset's IDX files in --data-dir, and evaluate.py's classifier file
+    (trained now where it does not exist yet, so its directory must be writable)."""
+    need(args.data_dir, "scoring images needs --data-dir (the directory of the dataset's IDX files)")
+    classifier = args.classifier or evaluate.default_classifier_path(dataset)
+    with user_errors():
+        data.load_mnist(dataset, args.data_dir, "test")
+        if not os.path.exists(classifier):  # trained below and written there
+            make_dir(os.path.dirname(os.path.abspath(classifier)))
+        evaluate.load_classifier(dataset, args.data_dir, classifier)
 
 
 def load_flow(path, objectives, role):
@@ -138,7 +163,6 @@ def draw(flow, n, steps, seed, solver="euler", temperature="1.0", cfg_scale=1.0)
 def score(images, labels, dataset, args):
     """evaluate.py's accuracy (of its classifier on the conditioning labels), FID-LeNet and coverage."""
     with user_errors():
-        metrics = evaluate.evaluate_images(images, labels, dataset, need_data_dir(args),
-                                           classifier_path=args.classifier)
+        metrics = evaluate.evaluate_images(images, labels, dataset, args.data_dir, classifier_path=args.classifier)
     return dict(accuracy=round(float(metrics["accuracy"]), 4), fid=round(float(metrics["fid"]), 3),
                 coverage=round(float(metrics["coverage"]), 4))

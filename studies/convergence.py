@@ -22,7 +22,7 @@ import vfm
 from cli import UserError, user_errors
 from data import CodeSet
 from studies.common import (clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
-                            need_data_dir, pyplot, save_figure, score, write_outputs)
+                            need_scoring, pyplot, refuse_to_replace, score, write_outputs)
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -46,11 +46,17 @@ def run(args):
         if args.codes:
             raise UserError("--codes is for --data fashion-mnist or mnist; the toys need no code set")
         args.schedule = args.schedule or "one-run"
+        refuse_to_replace(args, toy_output_name(args))
         return on_toys(args)
     if args.schedule:
         raise UserError("--schedule is for --data toy; train.py keeps its learning rate constant after warm-up, "
                         "so the checkpoints along one run are what a shorter budget gives")
+    refuse_to_replace(args, "convergence-" + args.data)
     return on_codes(args)
+
+
+def toy_output_name(args):
+    return "convergence-toy" + ("" if args.schedule == "one-run" else "-per-budget")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,10 +102,10 @@ def on_toys(args):
     note = (f"TV of {b['num_samples']} samples ({b['steps']} Euler steps; DFM: discrete Euler steps) {runs} "
             f"(batch 512), mean ± half the range over {b['seeds']} seed(s). KL: Purrception's mean "
             f"KL(exact || learned posterior) over t = 0.1 ... 0.9.")
-    name = "convergence-toy" + ("" if args.schedule == "one-run" else "-per-budget")
-    figure_toys(args, name, b, rows, reference)
+    name = toy_output_name(args)
     return write_outputs(args, name, table, note,
-                         dict(settings=b, schedule=args.schedule, reference=reference, rows=rows), start)
+                         dict(settings=b, schedule=args.schedule, reference=reference, rows=rows), start,
+                         {name: figure_toys(args, b, rows, reference)})
 
 
 def train_and_score(toy, method, seed, b, schedule):
@@ -135,7 +141,7 @@ def train_and_score(toy, method, seed, b, schedule):
     return rows
 
 
-def figure_toys(args, name, b, rows, reference):
+def figure_toys(args, b, rows, reference):
     plt = pyplot()
     panels = [(toy_name, "tv") for toy_name in b["toys"]]
     if "checkerboard" in b["toys"]:
@@ -166,7 +172,7 @@ def figure_toys(args, name, b, rows, reference):
            "a separate run per budget, each with its schedule completed")
     fig.suptitle(f"Convergence on the 2D toys, {how}: mean and range over {b['seeds']} seed(s)", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, args, name)
+    return files.figure(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,12 +183,12 @@ def on_codes(args):
     """The four objectives trained by train.py on one code set with the same settings, scored at kept checkpoints."""
     b, start = IMAGE_BUDGETS[args.budget], clock()
     codes_dir = need(args.codes, f"--data {args.data} needs --codes CODES (a code set of `python vq.py encode`)")
-    need_data_dir(args)
     with user_errors():
         codes = CodeSet(codes_dir)
     dataset = codes.meta.get("dataset")
     if dataset != args.data:
         raise UserError(f"{codes_dir}: a code set of {dataset}, not of --data {args.data}")
+    need_scoring(dataset, args)
     reference = reconstruction_reference(codes, b["num_samples"], args)
     rows, runs = [], {}
     for objective in vfm.OBJECTIVES:
@@ -212,12 +218,12 @@ def on_codes(args):
     note = (f"{b['model']}, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} warm-up steps), EMA decay "
             f"{b['ema_decay']}, seed {args.seed}; at each checkpoint {b['num_samples']} samples of the EMA weights "
             f"(labels 0..9 cycled), {b['steps']} Euler steps (DFM: discrete Euler), temperature 1, no guidance.")
-    figure_metrics_vs(args, "convergence-" + args.data, rows, "objective", "step", vfm.OBJECTIVES,
-                      f"{dataset}: quality vs training steps ({b['model']}, batch {b['batch_size']})",
-                      "training steps", reference)
+    plot = figure_metrics_vs(rows, "objective", "step", vfm.OBJECTIVES,
+                             f"{dataset}: quality vs training steps ({b['model']}, batch {b['batch_size']})",
+                             "training steps", reference)
     return write_outputs(args, "convergence-" + args.data, table, note,
                          dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir), runs=runs,
-                              reference=reference, rows=rows), start)
+                              reference=reference, rows=rows), start, {"convergence-" + args.data: plot})
 
 
 def seconds_per_step(run_dir):

@@ -14,8 +14,8 @@ import torch
 import files
 import vfm
 from cli import UserError
-from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, need,
-                            need_data_dir, pyplot, save_figure, score, write_outputs)
+from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y,
+                            need, need_scoring, pyplot, refuse_to_replace, score, write_outputs)
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -48,8 +48,8 @@ def run(args):
     if args.data == "toy":
         if args.ckpt or args.dfm_ckpt:
             raise UserError("--ckpt and --dfm-ckpt are for --data fashion-mnist or mnist; the toy trains its own")
-        return on_toys(args)
-    return on_codes(args)
+    refuse_to_replace(args, "solvers-" + args.data)
+    return on_toys(args) if args.data == "toy" else on_codes(args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,14 +101,13 @@ def on_toys(args):
             f"posterior through Purrception's sampler; purrception and dfm: the toy MLP trained {b['iters']} "
             f"iterations (batch 512, seed {args.seed}). TV of {b['num_samples']} exact draws from p(c) (the floor): " +
             ", ".join(f"{k} {v:.3f}" for k, v in exact.items()) + ". µs/sample/NFE: sampling wall time on this "
-            f"machine's CPU (one thread) per sample and network evaluation, over the row.")
-    figure_toys(args, b, rows, exact)
+            "machine's CPU (one thread) per sample and network evaluation, over the row.")
     return write_outputs(args, "solvers-toy", table, note,
                          dict(settings=b, seed=args.seed, train_seconds=train_seconds, exact_draws_tv=exact,
-                              rows=rows), start)
+                              rows=rows), start, {"solvers-toy": figure_toys(b, rows, exact)})
 
 
-def figure_toys(args, b, rows, exact):
+def figure_toys(b, rows, exact):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(b["toys"]), figsize=(5.2 * len(b["toys"]), 4), squeeze=False)
     styles = {"euler": "-o", "heun": "-s", "midpoint": "-^", "discrete euler": "--D"}
@@ -126,7 +125,7 @@ def figure_toys(args, b, rows, exact):
         ax.set_title(f"{toy_name}: quality vs NFE", fontsize=10)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    save_figure(fig, args, "solvers-toy")
+    return files.figure(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,9 +139,10 @@ def on_codes(args):
                        ("purrception",), "--ckpt")]
     if args.dfm_ckpt:
         checkpoints.append(load_flow(args.dfm_ckpt, ("dfm",), "--dfm-ckpt"))
-    if checkpoints[0].dataset != args.data:
-        raise UserError(f"{args.ckpt}: trained on {checkpoints[0].dataset} codes, not --data {args.data}")
-    need_data_dir(args)
+    for flow in checkpoints:
+        if flow.dataset != args.data:
+            raise UserError(f"{flow.path}: trained on {flow.dataset} codes, not --data {args.data}")
+    need_scoring(args.data, args)
     rows = []
     for flow in checkpoints:
         for label, solver in solvers_of(flow.name):
@@ -165,9 +165,8 @@ def on_codes(args):
     for r in rows:
         r["series"] = f"{r['model']}, {r['solver']}"
     series = list(dict.fromkeys(r["series"] for r in rows))
-    figure_metrics_vs(args, "solvers-" + args.data, rows, "series", "nfe", series,
-                      f"{checkpoints[0].dataset}: quality vs network evaluations", "network evaluations (NFE)",
-                      log_x=b["nfe"])
+    plot = figure_metrics_vs(rows, "series", "nfe", series, f"{checkpoints[0].dataset}: quality vs network evaluations",
+                             "network evaluations (NFE)", log_x=b["nfe"])
     return write_outputs(args, "solvers-" + args.data, table, note,
                          dict(settings=b, seed=args.seed, ckpts={f.name: os.path.abspath(f.path) for f in checkpoints},
-                              rows=rows), start)
+                              rows=rows), start, {"solvers-" + args.data: plot})

@@ -13,8 +13,8 @@ import numpy as np
 import files
 import images
 import vfm
-from studies.common import (clock, draw, load_flow, log_y, metric_panels, need, need_data_dir, pyplot,
-                            save_figure, score, write_outputs)
+from studies.common import (clock, draw, load_flow, log_y, metric_panels, need, need_scoring, pyplot,
+                            refuse_to_replace, score, write_outputs)
 
 # What each budget runs.
 BUDGETS = {
@@ -24,14 +24,16 @@ BUDGETS = {
                  schedules=("linear:1.2:0.8", "cosine:1.2:0.8", "linear:0.8:1.2"),
                  cfg_scales=(1.0, 2.0), num_samples=1000, steps=50, grid_per_class=8),
 }
+FIGURES = ("temperature", "temperature-grid")  # OUT/temperature.png: the sweep; temperature-grid.png: samples
 
 
 def run(args):
     """Constant temperatures and schedules over t, with and without guidance, on one Purrception checkpoint."""
     b, start = BUDGETS[args.budget], clock()
+    refuse_to_replace(args, "temperature", FIGURES)
     flow = load_flow(need(args.ckpt, "temperature needs --ckpt RUN/checkpoints/last.pt (a Purrception run)"),
                      ("purrception",), "temperature")
-    need_data_dir(args)
+    need_scoring(flow.dataset, args)
     rows, kept = [], {}
     for cfg in b["cfg_scales"]:
         for spec in b["temperatures"] + b["schedules"]:
@@ -58,18 +60,17 @@ def run(args):
     constants = [r for r in rows if r["constant"] and r["cfg_scale"] == 1.0]
     best = min(constants, key=lambda r: r["fid"])["temperature"]
     chosen = [b["temperatures"][0], best, b["temperatures"][-1]]
-    figure_sweep(args, b, rows, flow)
-    figure_grid(args, b, rows, kept, chosen)
     return write_outputs(args, "temperature", table, note,
                          dict(settings=b, ckpt=os.path.abspath(flow.path), step=flow.step, best_constant=best,
-                              grid_temperatures=chosen, rows=rows), start)
+                              grid_temperatures=chosen, rows=rows), start,
+                         dict(zip(FIGURES, (figure_sweep(b, rows, flow), figure_grid(b, rows, kept, chosen)))))
 
 
 def row(rows, spec, cfg):
     return next(r for r in rows if (r["temperature"], r["cfg_scale"]) == (spec, cfg))
 
 
-def figure_sweep(args, b, rows, flow):
+def figure_sweep(b, rows, flow):
     """Accuracy and FID against the temperature: a line of constants per guidance scale, the schedules as
     markers at their mean temperature over t."""
     plt = pyplot()
@@ -90,10 +91,10 @@ def figure_sweep(args, b, rows, flow):
         ax.set_xlabel("temperature (schedules at their mean over t)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    save_figure(fig, args, "temperature")
+    return files.figure(fig)
 
 
-def figure_grid(args, b, rows, kept, chosen):
+def figure_grid(b, rows, kept, chosen):
     """Samples at the chosen constant temperatures without guidance, a row per class."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 4.6))
@@ -108,4 +109,4 @@ def figure_grid(args, b, rows, kept, chosen):
     fig.suptitle("Samples at the lowest, the best (lowest FID) and the highest constant temperature, no guidance; "
                  "a row per class, the same noise in each panel", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, args, "temperature-grid")
+    return files.figure(fig)

@@ -11,7 +11,7 @@ import torch
 
 import files
 import images
-from studies.common import clock, load_flow, need, pyplot, save_figure, write_outputs
+from studies.common import clock, load_flow, need, pyplot, refuse_to_replace, write_outputs
 
 # What each budget runs.
 BUDGETS = {
@@ -24,6 +24,7 @@ BUDGETS = {
 def run(args):
     """Per-token entropy of q(c | z_t) and the decoded argmax at several times of one Euler path per class."""
     b, start = BUDGETS[args.budget], clock()
+    refuse_to_replace(args, "uncertainty")
     flow = load_flow(need(args.ckpt, "uncertainty needs --ckpt RUN/checkpoints/last.pt (a Purrception run)"),
                      ("purrception",), "uncertainty")
     classes = max(1, min(b["classes"], flow.num_classes))
@@ -58,11 +59,12 @@ def run(args):
     note = (f"Mean per-token entropy of q(c | z_t) in nats (uniform over K = {flow.objective.num_codes}: "
             f"{max_entropy:.2f}) along one {b['steps']}-step Euler path per class, temperature 1, no guidance; "
             f"{flow.path} (step {flow.step}, EMA), seed {args.seed}.")
-    figure(args, names, times, entropy, decoded, final_images, max_entropy)
+    plot = figure_along_path(names, times, entropy, decoded, final_images, max_entropy)
     return write_outputs(args, "uncertainty", files.markdown_table(header, table_rows), note,
                          dict(settings=b, ckpt=os.path.abspath(flow.path), step=flow.step, times=times,
                               classes=names, mean_entropy=entropy.mean((2, 3)).tolist(),
-                              argmax_agrees_with_final=agree.tolist(), entropy_maps=entropy.tolist()), start)
+                              argmax_agrees_with_final=agree.tolist(), entropy_maps=entropy.tolist()), start,
+                         {"uncertainty": plot})
 
 
 def entropy_of(logits):
@@ -71,7 +73,7 @@ def entropy_of(logits):
     return -(log_q.exp() * log_q).sum(-1)
 
 
-def figure(args, names, times, entropy, decoded, final_images, max_entropy):
+def figure_along_path(names, times, entropy, decoded, final_images, max_entropy):
     """A row per class: the entropy map and the decoded argmax at each time, then the final sample."""
     plt = pyplot()
     B, T = len(names), len(times)
@@ -91,4 +93,4 @@ def figure(args, names, times, entropy, decoded, final_images, max_entropy):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes, fraction=0.015, pad=0.01, label="entropy [nats]")
-    save_figure(fig, args, "uncertainty", bbox_inches="tight")
+    return files.figure(fig, bbox_inches="tight")

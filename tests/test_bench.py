@@ -1,9 +1,12 @@
 """bench.py: the table it prints and appends, its errors, and the OOM row. No timing is asserted."""
 
+import errno
+
 import pytest
 import torch
 
 import bench
+import files
 
 TINY = ["--models", "DiT-T/2", "--batch-size", "2", "--grid", "4", "--codebook-size", "16", "--num-classes", "3",
         "--steps", "1", "--warmup", "1", "--threads", "1"]
@@ -78,7 +81,7 @@ def test_out_of_memory_gives_an_oom_row(monkeypatch, tmp_path):
     (["--models", "DiT-Q/2"], "'DiT-Q/2'"),
     (["--dtype", "fp16"], "'fp16'"),
     (["--models", "DiT-B/2", "--grid", "7"], "patch_size 2 does not divide grid_size 7"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps 0: expected a positive number"),
     (["--device", "meta"], "--device meta"),
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
@@ -91,6 +94,67 @@ def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peak-tflops", "nan"], "--peak-tflops nan: expected a positive number"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: expected a positive number"),
+    (["--threads", "0"], "--threads 0: expected a positive number"),
+    (["--warmup", "-1"], "--warmup -1: expected a number >= 0"),
+    (["--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
+    (["--out", "{tmp}/no-such-dir/b.md"], "--out {tmp}/no-such-dir/b.md: its directory does not exist"),
+    (["--out", "{tmp}/FILE/b.md"], "--out {tmp}/FILE/b.md: its directory does not exist"),
+    (["--out", "{tmp}"], "--out {tmp}: a directory; expected a markdown file"),
+    (["--out", "{tmp}/binary.pt"], "--out {tmp}/binary.pt: not a text file; expected a markdown file to append to"),
+])
+def test_bad_numbers_and_paths_are_one_line_before_the_benchmark(tmp_path, monkeypatch, capsys, argv, message):
+    (tmp_path / "FILE").write_text("mine")
+    (tmp_path / "binary.pt").write_bytes(b"\x80\x02 a pickle")
+    monkeypatch.setattr(bench, "time_training", lambda *a, **k: pytest.fail("benchmarked before checking"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(TINY + [a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0] == "error: " + message.format(tmp=tmp_path), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "binary.pt"]
+    assert (tmp_path / "FILE").read_text() == "mine" and (tmp_path / "binary.pt").read_bytes() == b"\x80\x02 a pickle"
+
+
+def test_a_cuda_device_this_machine_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(TINY + ["--device", "cuda:3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == ["error: --device cuda:3: this machine has 1 CUDA device(s)"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "BENCH.md"
+    out.write_text("# My benchmarks\n")
+    atomic_write = files.atomic_write
+
+    def full_disk(path, write, mode="wb"):
+        def write_some(f):
+            write(f)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        atomic_write(path, write_some, mode)
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(TINY + ["--dtype", "fp32", "--out", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [f"error: {out}: No space left on device"]
+    assert [p.name for p in tmp_path.iterdir()] == ["BENCH.md"] and out.read_text() == "# My benchmarks\n"
+
+
+def test_cpu_memory_running_out_gives_an_oom_row(monkeypatch):
+    def out_of_memory(*args, **kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(bench, "time_training", out_of_memory)
+    assert [r["steps/s"] for r in bench.main(TINY)] == ["OOM"]
+    monkeypatch.setattr(bench, "time_training", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # any other error is a bug, not a row
+        bench.main(TINY)
 
 
 def test_times_train_py_s_own_training_step(monkeypatch):

@@ -2,6 +2,7 @@
 are checked against exact answers, bounds that follow from the sample count, or a recomputation through
 sample.py and evaluate.py; bad input is one line."""
 
+import errno
 import json
 import math
 
@@ -258,7 +259,40 @@ def test_uncertainty(flow_ckpts, tmp_path):
     assert [float(c) for c in rows[-2][1:]] == [round(float(maps[:, j].mean()), 2) for j in range(b["times"])]
 
 
-# ---- bad input: one line on stderr, exit status 2 --------------------------------------------------------
+# ---- bad input: one line on stderr, exit status 2, before any work, files left as they were -----------------
+
+def contents(directory):
+    """{name: bytes} of every file in a directory (None for a folder; an absent directory is empty)."""
+    if not directory.exists():
+        return {}
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(directory.iterdir())}
+
+
+def one_line_error(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as e:
+        study.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " if code == 2 else "interrupted"), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad(flow_ckpts, tmp_path_factory):
+    """Files that are not what a flag expects: half a checkpoint, samples, a directory, a file, a DFM checkpoint
+    of another dataset."""
+    bad = tmp_path_factory.mktemp("bad")
+    ckpt = flow_ckpts["purrception"].read_bytes()
+    (bad / "truncated.pt").write_bytes(ckpt[:len(ckpt) // 2])
+    np.savez(bad / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))
+    (bad / "empty").mkdir()
+    (bad / "FILE").write_text("mine")
+    dfm = flows.load_checkpoint(str(flow_ckpts["dfm"]))
+    dfm["codes_meta"]["dataset"] = "mnist"
+    torch.save(dfm, bad / "dfm-mnist.pt")
+    return bad
+
 
 @pytest.mark.parametrize("argv, message", [
     (["temperature"], "temperature needs --ckpt"),
@@ -274,14 +308,49 @@ def test_uncertainty(flow_ckpts, tmp_path):
      "--schedule is for --data toy"),
     (["convergence", "--data", "toy", "--codes", "{codes}"], "--codes is for --data fashion-mnist"),
     (["convergence", "--data", "mnist", "--codes", "{codes}", "--data-dir", FASHION_MNIST], "not of --data mnist"),
+    # numbers
+    (["uncertainty", "--ckpt", "{purrception}", "--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
+    (["solvers", "--seed", str(2**32)], f"--seed {2**32}: expected an integer in [0, 2^32)"),
+    # --out
+    (["solvers", "--out", "{bad}/FILE"], "{bad}/FILE: exists and is not a directory"),
+    (["solvers", "--out", "{bad}/FILE/out"], "{bad}/FILE/out: cannot create the output directory"),
+    # checkpoints and code sets that are something else
+    (["uncertainty", "--ckpt", "{bad}/truncated.pt"], "truncated.pt: not a readable PyTorch file"),
+    (["uncertainty", "--ckpt", "{tokenizer}"], "tokenizer.pt: not a checkpoint of train.py"),
+    (["temperature", "--ckpt", "{bad}/samples.npz"], "samples.npz: not a readable PyTorch file"),
+    (["temperature", "--ckpt", "{bad}/empty"], "{bad}/empty: a directory; expected a checkpoint of train.py"),
+    (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}", "--dfm-ckpt", "{bad}/truncated.pt"],
+     "truncated.pt: not a readable PyTorch file"),
+    (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}", "--dfm-ckpt", "{bad}/dfm-mnist.pt"],
+     "dfm-mnist.pt: trained on mnist codes, not --data fashion-mnist"),
+    (["convergence", "--data", "fashion-mnist", "--codes", "{bad}/empty", "--data-dir", FASHION_MNIST],
+     "{bad}/empty/meta.json: missing; expected a code set"),
+    (["convergence", "--data", "fashion-mnist", "--codes", "{bad}/FILE", "--data-dir", FASHION_MNIST],
+     "{bad}/FILE/meta.json: missing; expected a code set"),
+    # scoring: the IDX files and the classifier, before any training or sampling
+    (["temperature", "--ckpt", "{purrception}", "--data-dir", "{bad}/empty", "--classifier", "{classifier}"],
+     "{bad}/empty/t10k-images-idx3-ubyte[.gz]: missing fashion-mnist test file"),
+    (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}", "--data-dir", "{bad}/empty"],
+     "{bad}/empty/t10k-images-idx3-ubyte[.gz]: missing fashion-mnist test file"),
+    (["convergence", "--data", "fashion-mnist", "--codes", "{codes}", "--data-dir", "{bad}/no-such-dir"],
+     "{bad}/no-such-dir: no such directory"),
+    (["temperature", "--ckpt", "{purrception}", "--data-dir", FASHION_MNIST, "--classifier", "{bad}/samples.npz"],
+     "expected a classifier file of evaluate.py"),
+    (["convergence", "--data", "fashion-mnist", "--codes", "{codes}", "--data-dir", FASHION_MNIST,
+      "--classifier", "{bad}/FILE/classifier.pt"], "{bad}/FILE: exists and is not a directory"),
 ])
-def test_bad_input_is_one_line(flow_ckpts, codes_dir, tmp_path, capsys, argv, message):
-    argv = [a.format(codes=codes_dir, **flow_ckpts) for a in argv] + ["--budget", "tiny", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit) as e:
-        study.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier, bad, tmp_path, monkeypatch, capsys,
+                               argv, message):
+    for module in (convergence, temperature, solvers):
+        monkeypatch.setattr(module, "draw", lambda *a, **k: pytest.fail("sampled before checking the input"))
+    monkeypatch.setattr(convergence.train, "train", lambda *a, **k: pytest.fail("trained before checking the input"))
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier first"))
+    names = dict(codes=codes_dir, bad=bad, tokenizer=tokenizer_run / "tokenizer.pt", classifier=classifier,
+                 **flow_ckpts)
+    out, bad_before = tmp_path / "out", contents(bad)
+    err = one_line_error(capsys, [argv[0], "--budget", "tiny", "--out", out] + [a.format(**names) for a in argv[1:]])
+    assert message.format(**names) in err
+    assert contents(bad) == bad_before and contents(out) == {}
 
 
 def test_bad_input_from_the_command_line(flow_ckpts, tmp_path):
@@ -289,3 +358,51 @@ def test_bad_input_from_the_command_line(flow_ckpts, tmp_path):
     assert rc == 2 and "Traceback" not in err
     expected = f"error: {flow_ckpts['dfm']}: a checkpoint of dfm; uncertainty needs purrception"
     assert err.strip().splitlines() == [expected]
+
+
+# ---- an earlier run's outputs: kept unless --force, and whole whatever happens to a later run --------------
+
+def test_an_earlier_run_is_kept_unless_force(flow_ckpts, tmp_path, capsys):
+    argv = ["uncertainty", "--ckpt", flow_ckpts["purrception"], "--budget", "tiny", "--out", tmp_path]
+    study.main([str(a) for a in argv])
+    before = contents(tmp_path)
+    assert list(before) == ["uncertainty.json", "uncertainty.md", "uncertainty.png"]
+    err = one_line_error(capsys, argv + ["--seed", 1])
+    assert f"{tmp_path}/uncertainty.md exists (an earlier run): pass --force" in err
+    assert contents(tmp_path) == before
+    study.main([str(a) for a in argv + ["--seed", 1, "--force"]])
+    assert list(contents(tmp_path)) == list(before)
+    assert json.loads((tmp_path / "uncertainty.json").read_text())["command"].endswith("--seed 1 --force")
+
+
+def test_a_run_stopped_before_its_end_leaves_the_earlier_outputs(flow_ckpts, tmp_path, monkeypatch, capsys):
+    """Ctrl-C once the figure is drawn, before the table: nothing is written until every output exists."""
+    argv = ["uncertainty", "--ckpt", flow_ckpts["purrception"], "--budget", "tiny", "--out", tmp_path]
+    study.main([str(a) for a in argv])
+    before = contents(tmp_path)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(uncertainty.files, "markdown_table", ctrl_c)
+    one_line_error(capsys, argv + ["--seed", 1, "--force"], code=130)
+    assert contents(tmp_path) == before
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_outputs(flow_ckpts, tmp_path, monkeypatch, capsys):
+    """The disk fills up while the last output is written: the table and JSON, already written beside theirs,
+    do not replace them either."""
+    argv = ["uncertainty", "--ckpt", flow_ckpts["purrception"], "--budget", "tiny", "--out", tmp_path]
+    study.main([str(a) for a in argv])
+    before = contents(tmp_path)
+    atomic_write = common.files.atomic_write
+
+    def full_disk(path, write, mode="wb"):
+        def write_some(f):
+            write(f)
+            if ".png" in path:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+        atomic_write(path, write_some, mode)
+    monkeypatch.setattr(common.files, "atomic_write", full_disk)
+    err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
+    assert err.startswith(f"error: {tmp_path}/uncertainty.png") and err.endswith(": No space left on device")
+    assert contents(tmp_path) == before  # no other file, no temporary one

@@ -1,5 +1,6 @@
 """toy/run.py: every flag, its outputs, and clear errors for bad input."""
 
+import errno
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import files
 import vfm
 from toy import run
 from toy.toys import TOYS, Oracle, make_toy
@@ -65,8 +67,9 @@ def test_oracle_is_within_sampling_error(tmp_path):
 
 
 def test_training_lowers_tv(tmp_path):
-    args = ["--method", "purrception", "--num-samples", "2000", "--steps", "20", "--out", str(tmp_path)]
-    untrained, trained = (run.main(args + ["--iters", iters])["tv"] for iters in ("1", "100"))
+    args = ["--method", "purrception", "--num-samples", "2000", "--steps", "20"]
+    untrained, trained = (run.main(args + ["--iters", iters, "--out", str(tmp_path / iters)])["tv"]
+                          for iters in ("1", "100"))
     assert trained < untrained - 0.2, (trained, untrained)
 
 
@@ -87,10 +90,77 @@ def test_all_methods_write_table_and_figures(tmp_path):
     assert not (tmp_path / "nf" / "samples.png").exists() and (tmp_path / "nf" / "table.md").exists()
 
 
+# ---- bad input: one line on stderr, exit status 2, files left as they were ---------------------------------
+
+def contents(directory):
+    """{name: bytes} of every file in a directory."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        run.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "--iters 0: expected a positive number"),
+    (["--num-samples", "-5"], "--num-samples -5: expected a positive number"),
+    (["--steps", "0"], "--steps 0: expected a positive number"),
+    (["--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
+    (["--seed", str(2**64)], f"--seed {2**64}: expected an integer in [0, 2^32)"),
+    (["--out", "{tmp}/FILE"], "{tmp}/FILE: exists and is not a directory"),
+    (["--out", "{tmp}/FILE/out"], "{tmp}/FILE/out: cannot create the output directory"),
+    (["--method", "oracle", "--num-samples", str(10**13)], f"out of memory with --num-samples {10**13}"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "FILE").write_text("mine")
+    err = one_line_error(capsys, TINY + ["--out", tmp_path / "out"] + [a.format(tmp=tmp_path) for a in args])
+    assert message.format(tmp=tmp_path) in err
+    assert (tmp_path / "FILE").read_text() == "mine"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("method", ["cfm", None])
+def test_an_earlier_run_is_kept_unless_force(tmp_path, capsys, method):
+    argv = TINY + ["--out", tmp_path] + (["--method", method] if method else [])
+    run.main([str(a) for a in argv])  # fewer than 64 samples: the trajectories show them all
+    before = contents(tmp_path)
+    assert len(before) == (1 if method else 9)
+    err = one_line_error(capsys, argv + ["--seed", 1])
+    assert "exists (an earlier run): pass --force" in err and contents(tmp_path) == before
+    run.main([str(a) for a in argv + ["--seed", 1, "--force"]])
+    assert list(contents(tmp_path)) == list(before) and contents(tmp_path) != before
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_run(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the last file: the metrics already written beside theirs replace nothing."""
+    argv = TINY + ["--no-figures", "--out", tmp_path]
+    run.main([str(a) for a in argv])
+    before = contents(tmp_path)
+    atomic_write = files.atomic_write
+
+    def full_disk(path, write, mode="wb"):
+        def write_some(f):
+            write(f)
+            if "table.md" in path:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+        atomic_write(path, write_some, mode)
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
+    assert err.startswith(f"error: {tmp_path}/table.md") and err.endswith(": No space left on device")
+    assert contents(tmp_path) == before  # no other file, no temporary one
+
+
 @pytest.mark.parametrize("args,message", [
     (["--method", "gan"], "invalid choice: 'gan'"),
     (["--toy", "moons"], "invalid choice: 'moons'"),
-    (["--iters", "0"], "must be positive"),
     (["--steps", "x"], "invalid int value"),
 ])
 def test_bad_flags_exit_with_a_clear_error(args, message):

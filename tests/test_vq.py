@@ -314,7 +314,7 @@ def test_train_refuses_to_replace_a_tokenizer_without_force(old_run, capsys):
     (train_args("OUT", "--limit", "0"), "--limit 0: expected a positive number"),
     (train_args("OUT", "--codebook-size", "1"), "--codebook-size 1: expected 2 to 65536 codes"),
     (train_args("OUT", "--codebook-size", "65537"), "--codebook-size 65537: expected 2 to 65536 codes"),
-    (train_args("OUT", "--seed", str(2 ** 70)), f"--seed {2 ** 70}: expected an integer from 0"),
+    (train_args("OUT", "--seed", str(2 ** 70)), f"--seed {2 ** 70}: expected an integer in [0, 2^32)"),
     (["encode", "--tokenizer", "TOKENIZER", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", "OUT",
       "--batch-size", "0"], "--batch-size 0: expected a positive number"),
     (["encode", "--tokenizer", "TOKENIZER", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", "OUT",
@@ -335,7 +335,7 @@ def test_bad_numbers_are_one_line_before_any_work(tmp_path, tokenizer_run, capsy
     ("data-dir is a file", "{tmp}/FILE: a file, not a directory (expected the fashion-mnist IDX files there)"),
     ("data-dir is a code set", "{codes}/train-images-idx3-ubyte[.gz]: missing fashion-mnist train file"),
     ("tokenizer is a samples.npz", "{tmp}/samples.npz: not a readable PyTorch file"),
-    ("tokenizer is a run directory", "{run}: no such file; expected a tokenizer written by `python vq.py train`"),
+    ("tokenizer is a run directory", "{run}: a directory; expected a tokenizer written by `python vq.py train`"),
     ("tokenizer is pretrained", "--tokenizer llamagen-vq16 encodes colour images (--dataset imagefolder)"),
 ])
 def test_bad_paths_and_files_are_one_line_before_any_work(tmp_path, tokenizer_run, codes_dir, monkeypatch, capsys,

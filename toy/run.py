@@ -8,6 +8,10 @@ Purrception and its baselines on 2D toy codebooks, in seconds on a laptop CPU.
 Every method trains the same small MLP (it reads all N tokens of z_t, so a token's posterior can depend on the
 others) with the same budget, then draws 20,000 samples with 100 Euler steps; the score is the total-variation
 distance between the histogram of generated codes and the true p(c).
+
+Outputs in --out: metrics.json for one --method; otherwise metrics-METHOD.json for each method, table.md and
+samples.png, posterior.png, temperature.png. They are written together when the run ends, and files of an
+earlier run there are replaced only with --force.
 """
 
 import argparse
@@ -23,7 +27,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python toy/run.py` from anywhere
 import files  # noqa: E402
 import vfm  # noqa: E402
-from cli import run_command  # noqa: E402
+from cli import ArgumentParser, UserError, check_positive, check_seed, make_dir, run_command  # noqa: E402
 from schedule import learning_rate  # noqa: E402
 from toy.toys import TOYS, Oracle, make_toy  # noqa: E402
 
@@ -145,9 +149,9 @@ def draw_histogram(ax, toy, hist, title):
     ax.set_yticks([])
 
 
-def figures(toy, results, out, seed, n=5000):
-    """samples.png (histograms and trajectories), posterior.png (entropy and KL over t), temperature.png;
-    histograms from n samples each."""
+def figures(toy, results, seed, n=5000):
+    """{file name: its writer} for samples.png (histograms and trajectories), posterior.png (entropy and KL over
+    t) and temperature.png; histograms from n samples each, trajectories of up to 64 of them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,7 +159,7 @@ def figures(toy, results, out, seed, n=5000):
     scale = results["oracle"][2].codebook.pow(2).mean().sqrt() / toy.codebook.pow(2).mean().sqrt()
     names = ["data"] + [m for m in ("oracle", *vfm.OBJECTIVES) if m in results]
     fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 4.8))
-    g = torch.Generator().manual_seed(seed)
+    g, written = torch.Generator().manual_seed(seed), {}
     for col, name in enumerate(names):
         if name == "data":
             draw_histogram(axes[0, col], toy, toy.true_histogram(), "p(c)")
@@ -168,9 +172,9 @@ def figures(toy, results, out, seed, n=5000):
             draw_histogram(axes[0, col], toy, toy.histogram(codes), f"{name}  TV {metrics['tv']:.3f}")
             path = []
             if name != "dfm":
-                sample(toy, objective, model, 64, seed, steps=50,
-                       callback=lambda t, z, out: path.append(z[:, 0] / scale))
-                path = torch.stack(path + [objective.codebook[codes[:64, 0]] / scale])  # (T, 64, 2)
+                ends = sample(toy, objective, model, min(64, n), seed, steps=50,
+                              callback=lambda t, z, out: path.append(z[:, 0] / scale))
+                path = torch.stack(path + [objective.codebook[ends[:, 0]] / scale])  # (T, min(64, n), 2)
                 for i in range(path.shape[1]):
                     axes[1, col].plot(*path[:, i].T.numpy(), lw=0.5, c="tab:orange", alpha=0.6)
                 axes[1, col].set_title("trajectories (token 1)", fontsize=9)
@@ -187,8 +191,7 @@ def figures(toy, results, out, seed, n=5000):
             ax.set_yticks([])
     fig.suptitle(f"{toy.name}: {toy.description}; 100 Euler steps", fontsize=10)
     fig.tight_layout()
-    files.save_figure(fig, os.path.join(out, "samples.png"))
-    plt.close(fig)
+    written["samples.png"] = files.figure(fig)
 
     if "purrception" in results:
         _, model, objective = results["purrception"]
@@ -205,8 +208,7 @@ def figures(toy, results, out, seed, n=5000):
         b.set_ylabel("KL(exact || learned) [nats/token]")
         fig.suptitle(f"{toy.name}: the posterior along the path", fontsize=10)
         fig.tight_layout()
-        files.save_figure(fig, os.path.join(out, "posterior.png"))
-        plt.close(fig)
+        written["posterior.png"] = files.figure(fig)
 
         temps = [0.25, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0]
         fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
@@ -221,40 +223,62 @@ def figures(toy, results, out, seed, n=5000):
             codes = sample(toy, objective, model, n, seed, temperature=tau)
             draw_histogram(ax, toy, toy.histogram(codes), f"Purrception, tau = {tau}")
         fig.tight_layout(rect=(0, 0, 1, 0.95))
-        files.save_figure(fig, os.path.join(out, "temperature.png"))
-        plt.close(fig)
+        written["temperature.png"] = files.figure(fig)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, help="run one method and write OUT/metrics.json "
                    "(default: all four methods and the oracle, with a table and figures)")
     p.add_argument("--toy", default="checkerboard", choices=list(TOYS))
     p.add_argument("--iters", type=int, default=1500, help="training iterations per method (batch 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--steps", type=int, default=100, help="Euler steps (DFM: discrete Euler steps)")
     p.add_argument("--out", default="runs/toy")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    args = p.parse_args(argv)
-    if args.iters < 1 or args.num_samples < 1 or args.steps < 1:
-        p.error("--iters, --num-samples and --steps must be positive")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        p.error(f"cannot create --out {args.out}: {e.strerror}")
+    return p.parse_args(argv)
+
+
+def output_names(args):
+    if args.method:
+        return ["metrics.json"]
+    names = [f"metrics-{method}.json" for method in ("oracle", *vfm.OBJECTIVES)] + ["table.md"]
+    return names + ([] if args.no_figures else ["samples.png", "posterior.png", "temperature.png"])
+
+
+def run(args):
+    check_positive(args, "iters", "num_samples", "steps")
+    check_seed(args)
+    make_dir(args.out)
+    existing = [name for name in output_names(args) if os.path.exists(os.path.join(args.out, name))]
+    if existing and not args.force:
+        raise UserError(f"{os.path.join(args.out, existing[0])} exists (an earlier run): pass --force to replace "
+                        f"that run's files, or choose another --out")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        return experiment(args)
+    except RuntimeError as e:  # torch's allocator: too many samples for this machine's memory
+        if "can't allocate memory" not in str(e):
+            raise
+        raise UserError(f"out of memory with --num-samples {args.num_samples}: choose fewer") from None
+
+
+def experiment(args):
     toy = make_toy(args.toy)
     quiet = lambda *a: None  # noqa: E731
+    out = lambda name: os.path.join(args.out, name)  # noqa: E731
 
     if args.method:
         metrics, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps)
-        files.write_json(os.path.join(args.out, "metrics.json"), metrics)
+        files.write_json(out("metrics.json"), metrics)
         print(json.dumps(metrics))
         return metrics
 
@@ -263,19 +287,27 @@ def main(argv=None):
           f"{args.num_samples} samples, {args.steps} Euler steps")
     for method in ("oracle", *vfm.OBJECTIVES):
         results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps, log=quiet)
-        files.write_json(os.path.join(args.out, f"metrics-{method}.json"), results[method][0])
         print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
     table = files.markdown_table(["method", "iterations", "seconds", "TV"],
                                  [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
                                   for m, _, _ in results.values()])
-    files.write_text(os.path.join(args.out, "table.md"), table)
+    writers = {out(f"metrics-{method}.json"): lambda path, m=m: files.write_json(path, m)
+               for method, (m, _, _) in results.items()}
+    writers[out("table.md")] = lambda path: files.write_text(path, table)
+    if not args.no_figures:
+        writers.update({out(name): write for name, write in
+                        figures(toy, results, args.seed, min(5000, args.num_samples)).items()})
+    files.write_together(writers)
     print(table, end="")
     if not args.no_figures:
-        figures(toy, results, args.out, args.seed, min(5000, args.num_samples))
         print(f"figures: {args.out}/samples.png, posterior.png, temperature.png")
     print(f"total {time.time() - start:.1f} s")
     return results
 
 
+def main(argv=None):
+    return run_command(run, parse_args(argv))
+
+
 if __name__ == "__main__":
-    run_command(main)
+    main()
