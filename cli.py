@@ -64,6 +64,9 @@ def run_command(command, *args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except MemoryError:
+        print("error: out of memory: ask for less (fewer samples, steps or a smaller batch)", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:  # the disk filled up or a path is not writable: what was written before is intact
         if e.errno not in DISK_FAULTS:
             raise

@@ -227,8 +227,8 @@ class CodeSet:
             if codes.shape != (n, self.views, *self.grid) or codes.dtype != np.uint16:
                 raise ValueError(f"{codes_path}: expected {n} uint16 code grids {(n, self.views, *self.grid)} "
                                  f"(n, V, h, w), got {codes.dtype} {codes.shape}")
-            if labels.shape != (n,):
-                raise ValueError(f"{labels_path}: expected {n} labels, got shape {labels.shape}")
+            if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"{labels_path}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
             self.codes.append(codes)
             self.labels.append(labels)
         self.offsets = np.cumsum([0] + self.meta["shard_sizes"])
@@ -254,6 +254,13 @@ class CodeSet:
             order = np.argsort(local)  # memory maps read fastest in increasing order
             codes[rows[order]] = self.codes[s][local[order], views[rows[order]]]
             labels[rows[order]] = self.labels[s][local[order]]
+            # checked as they are read: a whole 1.28M-image set is too large to scan up front
+            if codes[rows].max(initial=0) >= self.num_codes:
+                raise ValueError(f"{shard_paths(self.dir, s)[0]}: a code index {codes[rows].max()} is out of range "
+                                 f"for the {self.num_codes} codes of meta.json")
+            if self.num_classes and not 0 <= labels[rows].min() <= labels[rows].max() < self.num_classes:
+                raise ValueError(f"{shard_paths(self.dir, s)[1]}: labels in [{labels[rows].min()}, "
+                                 f"{labels[rows].max()}], outside the {self.num_classes} classes of meta.json")
         return codes, labels
 
 

@@ -6,6 +6,7 @@ which is then renamed over it, so a crash, a kill or Ctrl-C mid-write leaves the
 half of one. `load_torch` reads a PyTorch file and says in one message which file is not what was expected.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -42,7 +43,12 @@ def save_npy(path, array):
 
 
 def save_torch(path, obj):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+            raise OSError(errno.ENOSPC, "No space left on device", path) from None
+        raise
 
 
 def save_figure(fig, path, **kw):

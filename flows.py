@@ -21,6 +21,7 @@ import vfm
 from dit import build_dit
 
 CHECKPOINT_FORMAT = "purrception-flow/1"
+CHECKPOINT_KEYS = ("model", "ema", "opt", "scaler", "step", "args", "codebook", "codes_meta", "data", "rng")
 
 
 def build(model_name, objective_name, codebook, grid, num_classes, p_uncond=vfm.P_UNCOND,
@@ -41,6 +42,9 @@ def load_checkpoint(path):
     ckpt = files.load_torch(path, expected, weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not {expected}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} in it; expected {expected}")
     return ckpt
 
 

@@ -32,6 +32,9 @@ from cli import (ArgumentParser, UserError, check_finite, check_positive, check_
 
 def sample(args):
     check_positive(args, "num_samples", "steps", "batch_size")
+    for name, most in (("steps", 100_000), ("num_samples", 100_000_000)):
+        if getattr(args, name) > most:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at most {most:,}")
     check_finite(args, "cfg_scale")
     check_seed(args)
     with user_errors():
@@ -68,13 +71,21 @@ def _sample(args, rank, world, device):
     distributed.barrier(world)
     num_batches = (args.num_samples + args.batch_size - 1) // args.batch_size
     start = time.time()
-    for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=f"sampling ({world} process(es))"):
-        batch = flow.generate(labels, args.seed, b, args.batch_size, steps=args.steps, solver=args.solver,
-                              temperature=args.temperature, cfg_scale=args.cfg_scale)
-        files.save_npy(os.path.join(parts, f"batch-{b:06d}.npy"), batch)
-    distributed.barrier(world)
-    if rank != 0:
-        return
+    try:
+        for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=f"sampling ({world} process(es))"):
+            batch = flow.generate(labels, args.seed, b, args.batch_size, steps=args.steps, solver=args.solver,
+                                  temperature=args.temperature, cfg_scale=args.cfg_scale)
+            files.save_npy(os.path.join(parts, f"batch-{b:06d}.npy"), batch)
+        distributed.barrier(world)
+        if rank == 0:
+            pack(args, flow, labels, settings, parts, num_batches, start, world)
+    finally:  # finished, failed or interrupted: the batches go (rank 0 removes them once every rank is done)
+        if rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def pack(args, flow, labels, settings, parts, num_batches, start, world):
+    """samples.npz (the first N images, in order), settings.json and grid.png from the batches of every rank."""
     samples = np.concatenate([np.load(os.path.join(parts, f"batch-{b:06d}.npy")) for b in range(num_batches)])
     settings["seconds"] = round(time.time() - start, 2)
     settings["seconds_per_sample"] = round(settings["seconds"] * world / args.num_samples, 4)
@@ -83,7 +94,6 @@ def _sample(args, rank, world, device):
     files.atomic_write(npz, lambda f: np.savez(f, arr_0=samples, settings=json.dumps(settings), **kw))
     files.write_json(os.path.join(args.out, "settings.json"), settings)
     images.save_grid(images.class_grid(samples, labels), os.path.join(args.out, "grid.png"), nrow=10)
-    shutil.rmtree(parts)
     print(f"{len(samples)} samples {samples.shape[1:]} in {settings['seconds']:.1f} s -> {npz}, "
           f"{os.path.join(args.out, 'grid.png')}")
 

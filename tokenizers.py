@@ -45,9 +45,12 @@ def record(path, ckpt=None):
 def check_codebook(expected, found, where):
     """ValueError unless the two (K, d) codebooks are the same."""
     expected, found = torch.as_tensor(expected).float().cpu(), torch.as_tensor(found).float().cpu()
-    if expected.shape != found.shape or not torch.allclose(expected, found):
+    if expected.shape != found.shape:
         raise ValueError(f"{where}: its codebook {tuple(found.shape)} does not match the codebook "
                          f"{tuple(expected.shape)} of the codes")
+    if not torch.allclose(expected, found):
+        raise ValueError(f"{where}: its codebook does not match the codebook of the codes (the same shape "
+                         f"{tuple(found.shape)}, other vectors: another tokenizer)")
 
 
 def load_for_codes(meta, codebook, device="cpu", path=None, ckpt=None):

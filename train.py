@@ -15,6 +15,7 @@ N steps, a resume and N more give the same weights as 2N steps in one go.
 import contextlib
 import copy
 import json
+import math
 import os
 import signal
 import sys
@@ -84,7 +85,8 @@ class Batches:
             self._load_epoch()
         s = slice(self.cursor, self.cursor + self.batch_size)
         self.cursor += self.batch_size
-        codes, labels = self.codes.get(self.indices[s], self.views[s])
+        with user_errors():
+            codes, labels = self.codes.get(self.indices[s], self.views[s])
         return torch.from_numpy(codes), torch.from_numpy(labels)
 
     def state(self):
@@ -109,10 +111,14 @@ class LossByT:
         self.sums = torch.zeros(1 + 2 * T_BINS, device=device)  # [loss, sum by bin, count by bin]
         self.first_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far finite
 
-    def add(self, loss, per_sample, t, weight, step):
-        """Add one micro-batch of step `step` (1-based). Kept on the device: no synchronisation per step."""
-        bad = (self.first_nonfinite == 0) & ~torch.isfinite(loss.detach())
+    def flag(self, value, step):
+        """Remember `step` (1-based) if value is nan or infinite. On the device: no synchronisation per step."""
+        bad = (self.first_nonfinite == 0) & ~torch.isfinite(value.detach())
         self.first_nonfinite = torch.where(bad, step, self.first_nonfinite)
+
+    def add(self, loss, per_sample, t, weight, step):
+        """Add one micro-batch of step `step` (1-based)."""
+        self.flag(loss, step)
         b = (t * T_BINS).long().clamp(max=T_BINS - 1)  # (B,) the bin of each sample's t
         self.sums[0] += loss.detach() * weight
         self.sums[1:1 + T_BINS].index_add_(0, b, per_sample.float())
@@ -126,9 +132,10 @@ class LossByT:
         by_t = stats[1:1 + T_BINS] / stats[1 + T_BINS:].clamp_min(1e-9)
         return stats[0].item() / steps, by_t.tolist()
 
-    def check_finite(self, world):
-        """UserError naming the first step, on any rank, whose loss was nan or infinite. Called before every log
-        line and every checkpoint, so that neither ever holds a non-finite loss or the weights it produced."""
+    def check_finite(self, world, last_checkpoint):
+        """UserError naming the first step, on any rank, whose loss or gradient was nan or infinite. Called before
+        every log line and every checkpoint, so that neither ever holds a non-finite loss or the weights it
+        produced."""
         first = self.first_nonfinite.clone()
         if world > 1:  # the earliest over ranks; 0 (all finite) counts as never
             first = torch.where(first == 0, torch.iinfo(torch.long).max, first)
@@ -136,8 +143,10 @@ class LossByT:
                 dist.all_reduce(first, op=dist.ReduceOp.MIN)
             first = torch.where(first == torch.iinfo(torch.long).max, 0, first)
         if first.item():
-            raise UserError(f"step {first.item()}: the loss is not a finite number; training stopped, and the last "
-                            f"checkpoint, from before it, is kept (try a lower --lr)")
+            kept = (f"the last checkpoint, of step {last_checkpoint}, is kept" if last_checkpoint else
+                    "no checkpoint was written")
+            raise UserError(f"step {first.item()}: the loss or its gradient is not a finite number; training stopped "
+                            f"and {kept} (try a lower --lr)")
 
 
 def build_optimizer(model, lr, weight_decay, device):
@@ -212,7 +221,7 @@ def drop_log_after(path, step):
     if not os.path.exists(path):
         return
     kept = []
-    for line in open(path).read().splitlines():
+    for line in open(path, errors="replace").read().splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
@@ -319,7 +328,13 @@ def check_args(args):
 
 def train(args):
     check_args(args)
-    make_dir(args.out)
+    for sub in ("", "checkpoints", "samples"):
+        make_dir(os.path.join(args.out, sub))
+    log_path = os.path.join(args.out, "log.jsonl")
+    if os.path.isfile(log_path) and os.path.getsize(log_path) and not args.resume and not os.path.exists(
+            os.path.join(args.out, "checkpoints", "last.pt")):
+        raise UserError(f"{log_path} exists (a run that stopped before its first checkpoint): pass --resume to "
+                        f"start it again, or choose another --out")
     with distributed.processes() as (rank, world, device):
         _train(args, rank, world, device)
 
@@ -356,13 +371,20 @@ def _train(args, rank, world, device):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         describe_run(args, raw_model, codes, world, device, precision, local_batch, step)
+        if step >= args.steps:
+            print(f"the checkpoint is at step {step}, not before --steps {args.steps}: nothing to train",
+                  file=sys.stderr)
         drop_log_after(os.path.join(args.out, "log.jsonl"), step)
 
     def checkpoint():
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can overflow them
+            raise UserError(f"step {step}: the weights are no longer finite numbers; training stopped and the last "
+                            f"checkpoint{f', of step {last_checkpoint},' if last_checkpoint else ''} is kept "
+                            f"(try a lower --lr)")
         save_checkpoint(ckpt_path, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler,
                         step=step, args=vars(args), codebook=codebook, codes_meta=codes.meta)
 
-    loss_by_t, last_time, last_step = LossByT(device), time.time(), step
+    loss_by_t, last_time, last_step, last_checkpoint = LossByT(device), time.time(), step, step
     labels = codes.num_classes > 0
     raw_model.train()
     with (open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else contextlib.nullcontext()) as log_file, \
@@ -377,23 +399,28 @@ def _train(args, rank, world, device):
                                    args.grad_clip, args.ema_decay, loss_by_t, step)
             step += 1
             bar.update(1)
+            if not scaler.is_enabled():  # with fp16 loss scaling, an overflowing step is skipped, not a fault
+                loss_by_t.flag(grad_norm, step)
             log_now = step % args.log_every == 0 or step == args.steps
             checkpoint_now = step % args.ckpt_every == 0 or step == args.steps or stop
             if log_now or checkpoint_now:
-                loss_by_t.check_finite(world)
+                loss_by_t.check_finite(world, last_checkpoint)
 
             # Logging: all ranks reduce, rank 0 writes
             if log_now:
                 loss, by_t = loss_by_t.reduce(step - last_step, world)
                 rate, last_time, last_step = (step - last_step) / (time.time() - last_time), time.time(), step
                 if rank == 0:
-                    log(log_file, bar, step=step, loss=round(loss, 5), lr=lr, grad_norm=round(grad_norm.item(), 4),
+                    norm = grad_norm.item()  # inf on a step the fp16 loss scaler skipped: logged as null
+                    log(log_file, bar, step=step, loss=round(loss, 5), lr=lr,
+                        grad_norm=round(norm, 4) if math.isfinite(norm) else None,
                         steps_per_s=round(rate, 3), images_per_s=round(rate * args.batch_size, 1),
                         loss_by_t=[round(v, 4) for v in by_t])
 
             # Checkpoints and previews
             if checkpoint_now:
                 checkpoint()
+                last_checkpoint = step
             if args.keep_every and step % args.keep_every == 0 and rank == 0:
                 files.copy(ckpt_path, os.path.join(args.out, "checkpoints", f"step-{step:07d}.pt"))
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:

@@ -119,3 +119,19 @@ def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir
                          "--steps", "5", "--cfg-scale", "2", "--out", tmp_path / "s")
     assert rc == 0 and "--cfg-scale 2.0 is ignored" in err
     assert json.loads((tmp_path / "s" / "settings.json").read_text())["nfe"] == 5
+
+
+def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, monkeypatch):
+    import files
+    real = files.atomic_write
+
+    def full_disk_at_the_npz(path, write, mode="wb"):
+        if path.endswith("samples.npz"):
+            raise OSError(28, "No space left on device", path)
+        return real(path, write, mode)
+
+    monkeypatch.setattr(files, "atomic_write", full_disk_at_the_npz)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "2",
+                     "--batch-size", "2", "--out", str(tmp_path)])
+    assert e.value.code == 2 and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -171,7 +171,7 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     shutil.copytree(codes_dir, other)
     np.save(other / "codebook.npy", np.load(other / "codebook.npy")[::-1].copy())
     rc, _, err = run_cli("train.py", "--codes", other, "--out", run, "--steps", "4", "--resume", *SMALL)
-    assert rc == 2 and "does not match the codebook (256, 8) of the codes" in err and "Traceback" not in err
+    assert rc == 2 and "does not match the codebook of the codes (the same shape (256, 8), other vectors" in err and "Traceback" not in err
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
                          "--objective", "cfm")
     assert rc == 2 and "trained with --objective purrception" in err
@@ -205,12 +205,26 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(cod
     train.main([str(a) for a in common] + ["--steps", "2"])
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     rc, _, err = run_cli("train.py", *common, "--steps", "6", "--resume", "--lr", "1e30")  # weights overflow
-    assert rc == 2 and "the loss is not a finite number" in err and "Traceback" not in err
+    assert rc == 2 and "not a finite number" in err and "the last checkpoint, of step 2, is kept" in err
     step = int(err.split("error: step ")[1].split(":")[0])
     assert 3 <= step <= 6
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]  # strict JSON: no NaN
-    assert [r["step"] for r in records] == list(range(1, step)) and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records] in (list(range(1, step)), list(range(1, step + 1)))
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_a_non_finite_gradient_stops_training_but_a_skipped_fp16_step_does_not(codes_dir, tmp_path):
+    common = ["--codes", codes_dir, *SMALL, "--log-every", "1"]
+    # a z-loss of 1e20 keeps the loss finite (about 3e21) but overflows its gradient at the first step
+    rc, _, err = run_cli("train.py", *common, "--out", tmp_path / "a", "--steps", "3", "--z-loss", "1e20")
+    assert rc == 2 and "error: step 1: the loss or its gradient is not a finite number" in err
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / "a" / "checkpoints" / "last.pt").exists()
+    # fp16 loss scaling starts at 2^16 and skips the steps whose gradients overflow: the run goes on
+    train.main([str(a) for a in common] + ["--out", str(tmp_path / "b"), "--steps", "3", "--precision", "fp16"])
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and None in [r["grad_norm"] for r in records]
 
 
 def test_resume_drops_log_lines_after_the_checkpoint(codes_dir, tmp_path):
@@ -276,3 +290,23 @@ def test_logged_loss_and_loss_by_t_at_the_initial_zero_logits(codes_dir, tmp_pat
         assert r["loss"] == pytest.approx(expected, abs=1e-5)
         filled = [v for v in r["loss_by_t"] if v != 0]  # 48 samples over 10 bins: a bin may stay empty
         assert len(filled) >= 5 and filled == pytest.approx([expected] * len(filled), abs=1e-4)
+
+
+def test_codes_out_of_range_and_a_checkpoint_missing_its_parts_are_one_line(codes_dir, tmp_path):
+    import data
+    codebook = np.load(codes_dir / "codebook.npy")
+    for name, codes, labels, message in (
+            ("codes", np.full((16, 1, 7, 7), 300), np.arange(16) % 10, "a code index 300 is out of range"),
+            ("labels", np.zeros((16, 1, 7, 7)), np.arange(16) % 10 + 5, "labels in [5, 14], outside the 10 classes")):
+        other = tmp_path / name
+        data.write_shard(str(other), 0, codes, labels)
+        data.write_meta(str(other), codebook, 1, grid=[7, 7], num_classes=10, views=1)
+        rc, _, err = run_cli("train.py", "--codes", other, "--out", tmp_path / f"run-{name}", *SMALL, "--steps", "2")
+        assert rc == 2 and message in err and "Traceback" not in err
+    run = tmp_path / "run"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL])
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    del ckpt["codes_meta"]
+    torch.save(ckpt, tmp_path / "partial.pt")
+    rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "partial.pt", "--out", tmp_path / "s")
+    assert rc == 2 and "partial.pt: no codes_meta in it" in err and len(err.strip().splitlines()) == 1
