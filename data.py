@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
 from PIL import Image
 
 import files
@@ -262,6 +263,59 @@ class CodeSet:
                 raise ValueError(f"{shard_paths(self.dir, s)[1]}: labels in [{labels[rows].min()}, "
                                  f"{labels[rows].max()}], outside the {self.num_classes} classes of meta.json")
         return codes, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches for training: each rank's share of every epoch, resumable at any step
+# ----------------------------------------------------------------------------------------------------------
+
+class _Indexable:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+class Batches:
+    """This rank's batches of (codes, labels), epoch after epoch; state() and load_state() make it resumable.
+
+    Each epoch is a fresh permutation shared by all ranks (DistributedSampler, seeded, set_epoch), of which every
+    rank reads its own slice; when the codes hold several views (a horizontal flip), each draw picks one at
+    random from a generator seeded by (seed, epoch, rank), so a resumed run sees the same views.
+    """
+
+    def __init__(self, codes, batch_size, rank, world, seed):
+        if len(codes) < batch_size * world:
+            raise ValueError(f"{codes.dir}: {len(codes)} code grids, fewer than one global batch of "
+                             f"{batch_size * world}")
+        self.codes, self.batch_size, self.rank, self.seed = codes, batch_size, rank, seed
+        self.sampler = DistributedSampler(_Indexable(len(codes)), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.epoch, self.cursor = 0, 0
+        self._load_epoch()
+
+    def _load_epoch(self):
+        self.sampler.set_epoch(self.epoch)
+        self.indices = np.fromiter(iter(self.sampler), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        self.views = rng.integers(0, self.codes.views, len(self.indices))
+
+    def next(self):
+        if self.cursor + self.batch_size > len(self.indices):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._load_epoch()
+        s = slice(self.cursor, self.cursor + self.batch_size)
+        self.cursor += self.batch_size
+        codes, labels = self.codes.get(self.indices[s], self.views[s])
+        return torch.from_numpy(codes), torch.from_numpy(labels)
+
+    def state(self):
+        return dict(epoch=self.epoch, cursor=self.cursor)
+
+    def load_state(self, state):
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._load_epoch()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import distributed
@@ -36,65 +35,11 @@ import tokenizers
 import vfm
 from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_positive, check_seed,
                  make_dir, run_command, user_errors)
-from data import CodeSet
+from data import Batches, CodeSet
 from dit import DiT_models
 from schedule import learning_rate
 
 T_BINS = 10  # the loss is also logged by t in [0, 0.1), [0.1, 0.2), ...
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: each rank's share of every epoch, resumable at any step
-# ----------------------------------------------------------------------------------------------------------
-
-class _Indexable:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-
-class Batches:
-    """This rank's batches of (codes, labels), epoch after epoch; state() and load_state() make it resumable.
-
-    Each epoch is a fresh permutation shared by all ranks (DistributedSampler, seeded, set_epoch), of which every
-    rank reads its own slice; when the codes hold several views (a horizontal flip), each draw picks one at
-    random from a generator seeded by (seed, epoch, rank), so a resumed run sees the same views.
-    """
-
-    def __init__(self, codes, batch_size, rank, world, seed):
-        if len(codes) < batch_size * world:
-            raise UserError(f"{codes.dir}: {len(codes)} code grids, fewer than one global batch of "
-                            f"{batch_size * world}")
-        self.codes, self.batch_size, self.rank, self.seed = codes, batch_size, rank, seed
-        self.sampler = DistributedSampler(_Indexable(len(codes)), num_replicas=world, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.epoch, self.cursor = 0, 0
-        self._load_epoch()
-
-    def _load_epoch(self):
-        self.sampler.set_epoch(self.epoch)
-        self.indices = np.fromiter(iter(self.sampler), dtype=np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        self.views = rng.integers(0, self.codes.views, len(self.indices))
-
-    def next(self):
-        if self.cursor + self.batch_size > len(self.indices):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._load_epoch()
-        s = slice(self.cursor, self.cursor + self.batch_size)
-        self.cursor += self.batch_size
-        with user_errors():
-            codes, labels = self.codes.get(self.indices[s], self.views[s])
-        return torch.from_numpy(codes), torch.from_numpy(labels)
-
-    def state(self):
-        return dict(epoch=self.epoch, cursor=self.cursor)
-
-    def load_state(self, state):
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._load_epoch()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,7 +309,8 @@ def _train(args, rank, world, device):
     opt = build_optimizer(raw_model, args.lr, args.weight_decay, device)
     precision, autocast = distributed.autocast_context(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    batches = Batches(codes, local_batch, rank, world, args.seed)
+    with user_errors():
+        batches = Batches(codes, local_batch, rank, world, args.seed)
     step = restore(ckpt, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler)
     model = torch.compile(raw_model) if args.compile else raw_model  # checkpoints save raw_model: no prefixes
     if world > 1:
@@ -393,8 +339,9 @@ def _train(args, rank, world, device):
         while step < args.steps:
             # One training step
             lr = learning_rate(step, args.steps, args.lr, args.warmup_steps)
-            micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
-                             for c, y in (batches.next() for _ in range(args.grad_accum))]
+            with user_errors():  # codes out of range in a shard are met as they are read
+                micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
+                                 for c, y in (batches.next() for _ in range(args.grad_accum))]
             grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
                                    args.grad_clip, args.ema_decay, loss_by_t, step)
             step += 1

@@ -114,7 +114,7 @@ def test_code_set_errors(tmp_path):
     data.write_meta(str(tmp_path), np.zeros((10, 4)), 1, grid=[3, 3], num_classes=0, views=1)
     assert (tmp_path / "meta.json").read_text().endswith("}\n")
     np.save(tmp_path / "labels-00000.npy", np.zeros(3))
-    with pytest.raises(ValueError, match="labels-00000.npy: expected 2 labels"):
+    with pytest.raises(ValueError, match="labels-00000.npy: expected 2 integer labels"):
         data.CodeSet(str(tmp_path))
     (tmp_path / "codes-00000.npy").write_bytes(b"\x93NUMPY but cut short")
     with pytest.raises(ValueError, match="codes-00000.npy: not a readable .npy file"):

@@ -152,7 +152,7 @@ def test_batch_not_divisible_by_world_size(codes_dir, tmp_path):
     rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 train.py", "--codes", codes_dir, *SMALL,
                          "--batch-size", "7", "--out", tmp_path / "run", "--steps", "1")
     assert rc != 0 and "--batch-size 7 is not divisible by world size 2" in err
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 def test_existing_run_is_not_overwritten_without_resume(codes_dir, tmp_path):
