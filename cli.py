@@ -141,6 +141,14 @@ def make_dir(path):
             os.remove(probe)
 
 
+def check_output_files(directory, *names):
+    """The files a command will write in `directory` must not be directories (or anything but files)."""
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UserError(f"{path}: not a file, so it cannot be written; move it away or choose another --out")
+
+
 def refuse_overwrite(path, flag="--force"):
     """A file an earlier run wrote stays unless the user says otherwise."""
     if os.path.exists(path):

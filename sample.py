@@ -26,7 +26,7 @@ import files
 import flows
 import images
 import vfm
-from cli import (ArgumentParser, UserError, check_finite, check_positive, check_seed, make_dir,
+from cli import (ArgumentParser, UserError, check_finite, check_output_files, check_positive, check_seed, make_dir,
                  refuse_overwrite, run_command, user_errors)
 
 
@@ -40,6 +40,9 @@ def sample(args):
     with user_errors():
         vfm.parse_temperature(args.temperature)
     make_dir(args.out)
+    check_output_files(args.out, "samples.npz", "settings.json", "grid.png")
+    if os.path.exists(os.path.join(args.out, ".parts")) and not os.path.isdir(os.path.join(args.out, ".parts")):
+        raise UserError(f"{os.path.join(args.out, '.parts')}: not a directory; move it away or choose another --out")
     if not args.force:
         refuse_overwrite(os.path.join(args.out, "samples.npz"))
     with distributed.processes() as (rank, world, device):

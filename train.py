@@ -33,8 +33,8 @@ import flows
 import images
 import tokenizers
 import vfm
-from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_positive, check_seed,
-                 make_dir, run_command, user_errors)
+from cli import (ArgumentParser, UserError, check_fraction, check_non_negative, check_output_files, check_positive,
+                 check_seed, make_dir, run_command, user_errors)
 from data import Batches, CodeSet
 from dit import DiT_models
 from schedule import learning_rate
@@ -275,6 +275,8 @@ def train(args):
     check_args(args)
     for sub in ("", "checkpoints", "samples"):
         make_dir(os.path.join(args.out, sub))
+    check_output_files(args.out, "log.jsonl", "args.json")
+    check_output_files(os.path.join(args.out, "checkpoints"), "last.pt", "last.pt.tmp")
     log_path = os.path.join(args.out, "log.jsonl")
     if os.path.isfile(log_path) and os.path.getsize(log_path) and not args.resume and not os.path.exists(
             os.path.join(args.out, "checkpoints", "last.pt")):

@@ -267,6 +267,11 @@ def test_an_out_that_is_a_file_is_one_line(codes_dir, tmp_path):
         rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", out, *SMALL, "--steps", "1")
         assert rc == 2 and str(tmp_path / "file") in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "file").read_text() == "mine"
+    for name in ("checkpoints", "log.jsonl"):  # a file where a directory goes, and the other way round
+        run = tmp_path / name.replace(".", "-")
+        (run / name).mkdir(parents=True) if "." in name else (run.mkdir(), (run / name).write_text("mine"))
+        rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, *SMALL, "--steps", "1")
+        assert rc == 2 and str(run / name) in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_codes_dir(tmp_path):
