@@ -56,6 +56,23 @@ def flow_ckpts(codes_dir, tmp_path_factory):
     return ckpts
 
 
+def fill_the_disk(monkeypatch, at=""):
+    """From now on files.atomic_write behaves as on a disk that fills up mid-write, for every path containing `at`:
+    it writes the content, then fails with ENOSPC."""
+    import errno
+    import files
+    real = files.atomic_write
+
+    def full_disk(path, write, mode="wb"):
+        def write_then_fail(f):
+            write(f)
+            if at in path:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, write_then_fail, mode)
+
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+
+
 def cli(script, *args, env=None):
     """(command, keyword arguments for subprocess) to run one of the repo's scripts, or torchrun of one."""
     import sys

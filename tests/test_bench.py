@@ -1,12 +1,11 @@
 """bench.py: the table it prints and appends, its errors, and the OOM row. No timing is asserted."""
 
-import errno
 
 import pytest
 import torch
 
 import bench
-import files
+from conftest import fill_the_disk
 
 TINY = ["--models", "DiT-T/2", "--batch-size", "2", "--grid", "4", "--codebook-size", "16", "--num-classes", "3",
         "--steps", "1", "--warmup", "1", "--threads", "1"]
@@ -131,14 +130,7 @@ def test_a_cuda_device_this_machine_lacks(monkeypatch, capsys):
 def test_a_full_disk_is_one_line_and_leaves_the_file(tmp_path, monkeypatch, capsys):
     out = tmp_path / "BENCH.md"
     out.write_text("# My benchmarks\n")
-    atomic_write = files.atomic_write
-
-    def full_disk(path, write, mode="wb"):
-        def write_some(f):
-            write(f)
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        atomic_write(path, write_some, mode)
-    monkeypatch.setattr(files, "atomic_write", full_disk)
+    fill_the_disk(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         bench.main(TINY + ["--dtype", "fp32", "--out", out])
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,7 +1,6 @@
 """evaluate.py: the Frechet distance and coverage on exact answers, then the metrics of real Fashion-MNIST images
 scored by a classifier trained on a slice of the training split."""
 
-import errno
 import json
 import os
 
@@ -12,9 +11,8 @@ import torch
 
 import data
 import evaluate
-import files
 import tokenizers
-from conftest import FASHION_MNIST, run_cli
+from conftest import FASHION_MNIST, fill_the_disk, run_cli
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,14 +331,7 @@ def test_outputs_are_checked_before_the_work(case, message, classifier, tmp_path
 def test_a_full_disk_is_one_line_and_leaves_the_old_metrics(classifier, test_split, tmp_path, monkeypatch, capsys):
     npz = _write_samples(tmp_path / "samples.npz", test_split[0][:50, :, :, None], test_split[1][:50])
     (tmp_path / "metrics.json").write_text('{"fid": 1.0}\n')
-    real_write = files.atomic_write
-
-    def full_disk(path, write, mode="wb"):
-        def write_some(f):
-            f.write("{" if "b" not in mode else b"{")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, write_some, mode)
-    monkeypatch.setattr(files, "atomic_write", full_disk)
+    fill_the_disk(monkeypatch)
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
                        "--classifier", classifier[0]])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sample
-from conftest import FASHION_MNIST, run_cli
+from conftest import FASHION_MNIST, fill_the_disk, run_cli
 
 
 def load(out):
@@ -122,15 +122,7 @@ def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir
 
 
 def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, monkeypatch):
-    import files
-    real = files.atomic_write
-
-    def full_disk_at_the_npz(path, write, mode="wb"):
-        if path.endswith("samples.npz"):
-            raise OSError(28, "No space left on device", path)
-        return real(path, write, mode)
-
-    monkeypatch.setattr(files, "atomic_write", full_disk_at_the_npz)
+    fill_the_disk(monkeypatch, at="samples.npz")
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "2",
                      "--batch-size", "2", "--out", str(tmp_path)])

@@ -2,7 +2,6 @@
 are checked against exact answers, bounds that follow from the sample count, or a recomputation through
 sample.py and evaluate.py; bad input is one line."""
 
-import errno
 import json
 import math
 
@@ -15,7 +14,7 @@ import flows
 import sample
 import study
 import vfm
-from conftest import FASHION_MNIST, run_cli
+from conftest import FASHION_MNIST, fill_the_disk, run_cli
 from studies import common, convergence, solvers, temperature, uncertainty
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
@@ -394,15 +393,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_outputs(flow_ckpts, tmp_
     argv = ["uncertainty", "--ckpt", flow_ckpts["purrception"], "--budget", "tiny", "--out", tmp_path]
     study.main([str(a) for a in argv])
     before = contents(tmp_path)
-    atomic_write = common.files.atomic_write
-
-    def full_disk(path, write, mode="wb"):
-        def write_some(f):
-            write(f)
-            if ".png" in path:
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-        atomic_write(path, write_some, mode)
-    monkeypatch.setattr(common.files, "atomic_write", full_disk)
+    fill_the_disk(monkeypatch, at=".png")
     err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
     assert err.startswith(f"error: {tmp_path}/uncertainty.png") and err.endswith(": No space left on device")
     assert contents(tmp_path) == before  # no other file, no temporary one

@@ -1,6 +1,5 @@
 """toy/run.py: every flag, its outputs, and clear errors for bad input."""
 
-import errno
 import json
 import math
 import os
@@ -10,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import files
 import vfm
+from conftest import fill_the_disk
 from toy import run
 from toy.toys import TOYS, Oracle, make_toy
 
@@ -144,15 +143,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_run(tmp_path, monkeypatc
     argv = TINY + ["--no-figures", "--out", tmp_path]
     run.main([str(a) for a in argv])
     before = contents(tmp_path)
-    atomic_write = files.atomic_write
-
-    def full_disk(path, write, mode="wb"):
-        def write_some(f):
-            write(f)
-            if "table.md" in path:
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-        atomic_write(path, write_some, mode)
-    monkeypatch.setattr(files, "atomic_write", full_disk)
+    fill_the_disk(monkeypatch, at="table.md")
     err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
     assert err.startswith(f"error: {tmp_path}/table.md") and err.endswith(": No space left on device")
     assert contents(tmp_path) == before  # no other file, no temporary one
