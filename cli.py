@@ -14,6 +14,8 @@ import math
 import os
 import sys
 
+import distributed
+
 
 
 DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
@@ -59,6 +61,10 @@ def run_command(command, *args):
         if e.rank_local and rank != 0:
             print(f"error: rank {rank}: {e}", file=sys.stderr)
         elif rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except distributed.PeerStopped as e:  # said once, by rank 0, after the process that stopped said why
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

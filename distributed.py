@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UserError
 
 
 @contextlib.contextmanager
@@ -39,13 +38,17 @@ def processes():
         dist.destroy_process_group()
 
 
+class PeerStopped(Exception):
+    """A collective failed because another process of the run stopped; that process has said why."""
+
+
 @contextlib.contextmanager
 def peers():
     """Around a collective: a peer that stopped (after saying why) makes it fail; say so in one line."""
     try:
         yield
     except RuntimeError:
-        raise UserError("another process of this run stopped (its error is above)") from None
+        raise PeerStopped("another process of this run stopped (its error is above)") from None
 
 
 def barrier(world):
