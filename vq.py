@@ -175,6 +175,15 @@ def flush_shard(out, index, codes, labels, size):
     return index + 1
 
 
+def code_set_out(args):
+    """OUT/meta.json of the code set to write: an existing set stays unless --force; OUT is made and writable."""
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path) and not args.force:
+        raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
+    make_dir(args.out)
+    return meta_path
+
+
 def encode(args):
     check_positive(args, "batch_size", "limit")
     if args.dataset == "imagefolder":
@@ -185,10 +194,7 @@ def encode(args):
     if args.tokenizer_ckpt:
         raise UserError(f"--tokenizer-ckpt goes with a pretrained --tokenizer ({', '.join(tokenizers.PRETRAINED)}), "
                         f"not with {args.dataset}")
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path) and not args.force:
-        raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
-    make_dir(args.out)
+    meta_path = code_set_out(args)
     with user_errors():
         tokenizer = tokenizers.load(args.tokenizer)
         pixels, labels = data.load_mnist(args.dataset, args.data_dir, args.split)
@@ -245,10 +251,7 @@ def encode_imagefolder(args):
     check_positive(args, "image_size", "shard_size")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 (decode in this process) or more")
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path) and not args.force:
-        raise UserError(f"{args.out}: a code set already exists; pass --force to overwrite")
-    make_dir(args.out)
+    meta_path = code_set_out(args)
     with distributed.processes() as (rank, world, device):
         with user_errors():
             paths, labels, classes = data.list_imagefolder(args.data_dir)
