@@ -11,7 +11,8 @@ What is different from DiT's own models.py
 ------------------------------------------
 * The input is a grid of code-embedding vectors, channels last: x of shape (B, H, W, in_dim) is a point z_t in
   the codebook's embedding space. For the discrete (DFM) baseline it is a grid of token indices (B, H, W) in
-  [0, input_vocab), embedded by a lookup table into in_dim channels before the same patch embedding.
+  [0, input_vocab), embedded by a lookup table straight into the model width (hidden_size channels a position,
+  as the Purrception paper's DFM does) before the same patch embedding.
 * Patches are flattened and embedded by a Linear layer (the same map as DiT's stride-p convolution).
 * Time t lies in [0, 1] with noise at t = 0 and data at t = 1 (the convention of vfm.py). It is embedded as
   sinusoidal features of 1000 * t, so the frequencies are those of DiT's integer timesteps 0..1000.
@@ -196,14 +197,15 @@ class DiT(nn.Module):
 
     forward(x, t, y):
         x: (B, H, W, in_dim) float, a point z_t in the embedding space, or (B, H, W) long token indices in
-           [0, input_vocab) when input_vocab is given (the DFM baseline: K codes and one mask token).
+           [0, input_vocab) when input_vocab is given (the DFM baseline: K codes and one mask token; each is
+           embedded into hidden_size channels, and in_dim is then hidden_size whatever is passed).
         t: (B,) float in [0, 1], noise at 0 and data at 1.
         y: (B,) long in [0, num_classes]; num_classes is the null class. With num_classes = 0 the model is
            unconditional and y is all zeros (the null class).
         returns (B, H, W, out_dim) float.
     """
 
-    def __init__(self, grid_size: int, in_dim: int, out_dim: int, num_classes: int,
+    def __init__(self, grid_size: int, in_dim: int | None, out_dim: int, num_classes: int,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, input_vocab: int | None = None):
         super().__init__()
@@ -216,6 +218,8 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 for the 2D positional embedding")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if input_vocab is not None:
+            in_dim = hidden_size  # token lookups of the model width
         self.grid_size, self.in_dim, self.out_dim, self.num_classes = grid_size, in_dim, out_dim, num_classes
         self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
         self.mlp_ratio, self.input_vocab = mlp_ratio, input_vocab
@@ -236,9 +240,9 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        # Token lookup for DFM: unit scale, like the continuous input z_t whose codes have per-dimension RMS 1.
+        # Token lookup for DFM: std 0.02, as the paper's code.
         if self.token_embedder is not None:
-            nn.init.normal_(self.token_embedder.weight, std=1.0)
+            nn.init.normal_(self.token_embedder.weight, std=0.02)
         nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -254,7 +258,7 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         if self.token_embedder is not None:
-            x = self.token_embedder(x)  # (B, H, W, in_dim)
+            x = self.token_embedder(x)  # (B, H, W, hidden_size)
         x = self.patch_embed(patchify(x, self.patch_size)) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         for block in self.blocks:

@@ -28,6 +28,7 @@ reproduced with sample.py and evaluate.py.
 import argparse
 import sys
 
+import vfm
 from cli import ArgumentParser, check_seed, make_dir, run_command
 from studies import convergence, solvers, temperature, uncertainty
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
                                         help="toys: score one run along the way (one-run, the default), or train a "
                                         "separate run per iteration count, each with its learning-rate schedule "
                                         "completed (per-budget)")
+    parsers["convergence"].add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
+                                        help="the flow runs on the raw codebook (the paper's) or on E / rms(E)")
     for name in ("temperature", "solvers", "uncertainty"):
         parsers[name].add_argument("--ckpt", help="a Purrception checkpoint of train.py (RUN/checkpoints/last.pt)")
     parsers["solvers"].add_argument("--dfm-ckpt", help="a DFM checkpoint: its discrete sampler at the same NFE")

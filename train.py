@@ -154,9 +154,11 @@ def checked_resume(args, codes, ckpt_path, rank):
                             f"{codes.meta[key]}")
     with user_errors():
         tokenizers.check_codebook(codes.codebook, ckpt["codebook"], ckpt_path)
-    for key in ("model", "objective", "seed"):
-        if ckpt["args"][key] != getattr(args, key):
-            raise UserError(f"{ckpt_path}: trained with --{key} {ckpt['args'][key]}, not {getattr(args, key)}")
+    trained_with = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]))
+    for key in ("model", "objective", "seed", "codebook_scale"):
+        if trained_with[key] != getattr(args, key):
+            raise UserError(f"{ckpt_path}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
+                            f"{getattr(args, key)}")
     return ckpt
 
 
@@ -302,7 +304,7 @@ def _train(args, rank, world, device):
     codebook = torch.from_numpy(codes.codebook).float()
     with user_errors():
         raw_model, objective = flows.build(args.model, args.objective, codebook, codes.grid, codes.num_classes,
-                                           args.p_uncond, args.z_loss)
+                                           args.p_uncond, args.z_loss, args.codebook_scale)
     raw_model.to(device)
     objective.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # synced once (decay 0), then updated every step
@@ -414,7 +416,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--p-uncond", type=float, default=vfm.P_UNCOND, help="label-drop probability (for guidance)")
-    p.add_argument("--z-loss", type=float, default=vfm.Z_LOSS_WEIGHT, help="Purrception's z-loss weight")
+    p.add_argument("--z-loss", type=float, default=vfm.Z_LOSS_WEIGHT, help="z-loss weight (Purrception and DFM)")
+    p.add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
+                   help="the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

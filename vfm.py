@@ -9,10 +9,12 @@ Conventions, stated once and used by every file in this repo
   codebook E of shape (K, d); its embedding is z1 = E[c], of shape (B, *S, d), channels last.
 * Source z0 ~ N(0, I) in the embedding space; path z_t = (1 - t) z0 + t z1 (the straight, rectified-flow path).
 * Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the paper's code.
-* Codebook scale: the flow runs on E / rms(E) (rms over all K * d entries), so that the codes have the same
-  per-dimension scale as the N(0, I) source. For LlamaGen's unit-sphere codes in d = 8 this is sqrt(8) * E.
-  The paper's code uses the raw embedding space; snapping to the nearest code is unchanged by a global scale,
-  so the tokenizer never sees the difference.
+* Codebook scale: the flow runs on the raw codebook E with N(0, I) noise, as the paper and its code do
+  (codebook_scale = "raw", the default). The option "rms" runs it on E / rms(E) (rms over all K * d entries),
+  codes with the per-dimension scale of the source: sqrt(8) * E for LlamaGen's unit-sphere codes in d = 8.
+  A global scale s leaves every nearest code unchanged (the tokenizer never sees it), and the flow on s E is
+  the paper's flow under the time change t' = s t / (1 + (s - 1) t): z'_t = (1 - t + s t) z_t'. For s > 1 it
+  spends training times and solver steps nearer the data (with s = sqrt(8), t' < 1/2 only for t < 0.26).
 * Classes: y in [0, num_classes); the null class ("no label") is the index num_classes. During training labels
   are replaced by the null class with probability p_uncond = 0.1 (as DiT), so the same network is also the
   unconditional model that guidance needs. With num_classes = 0 every label is the null class.
@@ -33,9 +35,9 @@ the posterior mean of z1 at temperature tau, then snaps the end point to the nea
 import math
 
 import torch
-import torch.nn.functional as F
 
 SOLVERS = ("euler", "heun", "midpoint")
+CODEBOOK_SCALES = ("raw", "rms")  # the first is the paper's and the default
 T_MIN = 1e-3
 Z_LOSS_WEIGHT = 1e-5
 P_UNCOND = 0.1
@@ -46,10 +48,12 @@ EPS = 1e-6  # floor on 1 - t where the velocity divides by it
 # Path, times, codebook scale
 # ----------------------------------------------------------------------------------------------------------
 
-def flow_codebook(codebook):
-    """The codebook the flow runs on: E / rms(E), per-dimension RMS 1 like the N(0, I) source."""
+def flow_codebook(codebook, scale="raw"):
+    """The codebook the flow runs on: E itself ("raw", the paper's) or E / rms(E) ("rms")."""
     codebook = torch.as_tensor(codebook, dtype=torch.float32)
-    return codebook / codebook.pow(2).mean().sqrt().clamp_min(1e-12)
+    if scale not in CODEBOOK_SCALES:
+        raise ValueError(f"unknown codebook scale '{scale}'; choose from: {', '.join(CODEBOOK_SCALES)}")
+    return codebook if scale == "raw" else codebook / codebook.pow(2).mean().sqrt().clamp_min(1e-12)
 
 
 def sample_t(n, device, generator=None, t_min=T_MIN):
@@ -157,20 +161,32 @@ def num_evaluations(steps, solver):
 # Objectives
 # ----------------------------------------------------------------------------------------------------------
 
+def cross_entropy_with_z_loss(logits, codes, z_loss_weight):
+    """Per-sample loss (B,) of logits (B, *S, K) against codes (B, *S): -log softmax(l)_c + lambda * logsumexp(l)^2,
+    averaged over the positions. Purrception's and DFM's loss."""
+    lse = torch.logsumexp(logits, dim=-1)  # (B, *S): one pass over the K logits serves both terms
+    ce = lse - logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # (B, *S): -log softmax(l)_c
+    per_position = ce + z_loss_weight * lse.pow(2)  # (B, *S)
+    return per_position.reshape(codes.shape[0], -1).mean(1)  # (B,)
+
+
 class Objective:
     """What a method trains and how it samples. Subclasses: Purrception, its regression variants CFM and
     CFMEndpoint, and DFM.
 
     The network is any callable model(x, t, y): x (B, *S, d) float (or (B, *S) long for DFM), t (B,) in [0, 1],
     y (B,) long with the null class num_classes; it returns (B, *S, out_dim).
-    Every objective takes the same keywords: p_uncond (label dropout), t_min (the least training time) and
-    z_loss_weight (lambda of Purrception's z-loss; the other objectives do not use it).
+    Every objective takes the same keywords: p_uncond (label dropout), t_min (the least training time),
+    z_loss_weight (lambda of the z-loss of Purrception and DFM; the CFM baselines do not use it) and
+    codebook_scale ("raw" or "rms", see the conventions above).
     """
 
     name = None
 
-    def __init__(self, codebook, num_classes=0, *, p_uncond=P_UNCOND, t_min=T_MIN, z_loss_weight=Z_LOSS_WEIGHT):
-        self.codebook = flow_codebook(codebook)  # (K, d)
+    def __init__(self, codebook, num_classes=0, *, p_uncond=P_UNCOND, t_min=T_MIN, z_loss_weight=Z_LOSS_WEIGHT,
+                 codebook_scale="raw"):
+        self.codebook = flow_codebook(codebook, codebook_scale)  # (K, d)
+        self.codebook_scale = codebook_scale
         self.num_codes, self.code_dim = self.codebook.shape
         self.num_classes, self.p_uncond, self.t_min = num_classes, p_uncond, t_min
         self.z_loss_weight = z_loss_weight
@@ -243,10 +259,7 @@ class Purrception(Objective):
         """The loss of each sample, (B,), from the network output at z_t (B, *S, out_dim), the codes (B, *S) and
         the ends of the path z0, z1 (B, *S, d). Here -log q_theta(c | z_t) + lambda * logsumexp(l)^2 (the z-loss),
         averaged over the positions."""
-        lse = torch.logsumexp(logits, dim=-1)  # (B, *S): one pass over the K logits serves both terms
-        ce = lse - logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)  # (B, *S): -log softmax(l)_c
-        per_position = ce + self.z_loss_weight * lse.pow(2)  # (B, *S)
-        return per_position.reshape(codes.shape[0], -1).mean(1)  # (B,)
+        return cross_entropy_with_z_loss(logits, codes, self.z_loss_weight)
 
     def posterior_mean(self, logits, tau):
         """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""
@@ -310,10 +323,12 @@ class DFM(Objective):
     """Discrete flow matching (Gat et al. 2024) with a masked source and the scheduler kappa_t = t.
 
     The source is all-mask (token index K); x_t keeps each true code with probability kappa_t = t and masks it
-    otherwise. The network reads x_t and predicts p(c | x_t) at every position; the loss is cross-entropy on the
-    masked positions. The sampler is the discrete Euler step: over [t, t + h] a masked token is revealed with
-    probability h * kappa'(t) / (1 - kappa(t)) = h / (1 - t), drawing its code from softmax(l / tau); the last
-    step reveals every remaining token.
+    otherwise. The network embeds each of the K + 1 tokens straight into its width (as the paper's DFM does) and
+    predicts p(c | x_t) at every position; the loss is the cross-entropy over all positions plus the z-loss, as
+    in the paper's code (masked positions only would weight each sample by about 1 / (1 - t)). The sampler is
+    the discrete Euler step: over [t, t + h] a masked token is revealed with probability
+    h * kappa'(t) / (1 - kappa(t)) = h / (1 - t), drawing its code from softmax(l / tau); the last step reveals
+    every remaining token. The network gives K logits (the paper's code gives K + 1, the mask's never a target).
     """
 
     name = "dfm"
@@ -323,7 +338,7 @@ class DFM(Objective):
         return self.num_codes
 
     def model_io(self):
-        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
+        return dict(in_dim=None, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
 
     def loss(self, model, codes, y=None, generator=None):
         B = codes.shape[0]
@@ -332,10 +347,7 @@ class DFM(Objective):
         keep = torch.rand(codes.shape, device=codes.device, generator=generator) < kappa  # (B, *S)
         xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))  # (B, *S)
         y = drop_labels(self.labels(y, B, codes.device), self.num_classes, self.p_uncond, generator)
-        logits = model(xt, t, y).float()  # (B, *S, K)
-        ce = F.cross_entropy(logits.reshape(-1, self.num_codes), codes.reshape(-1), reduction="none")  # (B * P,)
-        masked = (~keep).reshape(B, -1).float()  # (B, P), P = prod(S) positions
-        per_sample = (ce.view(B, -1) * masked).sum(1) / masked.sum(1).clamp_min(1)  # (B,)
+        per_sample = cross_entropy_with_z_loss(model(xt, t, y).float(), codes, self.z_loss_weight)  # (B,)
         return per_sample.mean(), per_sample.detach(), t
 
     @torch.no_grad()
@@ -365,7 +377,7 @@ OBJECTIVES = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoin
 
 
 def build_objective(name, codebook, num_classes=0, **kw):
-    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight."""
+    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight, codebook_scale."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective '{name}'; choose from: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name](codebook, num_classes, **kw)

@@ -74,14 +74,14 @@ def on_toys(args):
     rows, reference = [], {}
     for toy_name in b["toys"]:
         toy = make_toy(toy_name)
-        oracle_objective = vfm.build_objective("purrception", toy.codebook)
+        oracle_objective = vfm.build_objective("purrception", toy.codebook, codebook_scale=args.codebook_scale)
         oracle = Oracle(toy, oracle_objective.codebook)
         codes = toy_run.sample(toy, oracle_objective, oracle, b["num_samples"], args.seed, steps=b["steps"])
         exact = toy.sample(b["num_samples"], torch.Generator().manual_seed(args.seed))
         reference[toy_name] = dict(oracle_tv=round(toy.tv(codes), 4), exact_draws_tv=round(toy.tv(exact), 4))
         for method in vfm.OBJECTIVES:
             for seed in range(args.seed, args.seed + b["seeds"]):
-                rows += train_and_score(toy, method, seed, b, args.schedule)
+                rows += train_and_score(toy, method, seed, b, args.schedule, args.codebook_scale)
 
     def cells(toy_name, method, key):
         return [mean_spread([r.get(key) for r in rows if (r["toy"], r["method"], r["iters"]) ==
@@ -104,14 +104,15 @@ def on_toys(args):
             f"KL(exact || learned posterior) over t = 0.1 ... 0.9.")
     name = toy_output_name(args)
     return write_outputs(args, name, table, note,
-                         dict(settings=b, schedule=args.schedule, reference=reference, rows=rows), start,
+                         dict(settings=b, schedule=args.schedule, codebook_scale=args.codebook_scale,
+                              reference=reference, rows=rows), start,
                          {name: figure_toys(args, b, rows, reference)})
 
 
-def train_and_score(toy, method, seed, b, schedule):
+def train_and_score(toy, method, seed, b, schedule, codebook_scale="raw"):
     """The rows of one objective and seed on one toy: TV (and on the checkerboard Purrception's KL) at each of
     the budget's iteration counts."""
-    objective = vfm.build_objective(method, toy.codebook)
+    objective = vfm.build_objective(method, toy.codebook, codebook_scale=codebook_scale)
     rows, scoring = [], []
 
     def score_model(step, model):
@@ -197,7 +198,7 @@ def on_codes(args):
                 "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
                 "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--seed", args.seed,
                 "--keep-every", b["keep_every"], "--ckpt-every", b["keep_every"], "--log-every", b["keep_every"],
-                "--sample-every", 0, "--resume"]
+                "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
         print(f"training {objective}: python train.py {' '.join(map(str, argv))}", flush=True)
         t0 = time.time()
         train.train(train.parse_args([str(a) for a in argv]))
@@ -217,13 +218,14 @@ def on_codes(args):
         [["VQ reconstructions (ceiling)", "-", f"{reference['accuracy']:.3f}", f"{reference['fid']:.2f}", "-"]])
     note = (f"{b['model']}, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} warm-up steps), EMA decay "
             f"{b['ema_decay']}, seed {args.seed}; at each checkpoint {b['num_samples']} samples of the EMA weights "
-            f"(labels 0..9 cycled), {b['steps']} Euler steps (DFM: discrete Euler), temperature 1, no guidance.")
+            f"(labels 0..9 cycled), {b['steps']} Euler steps (DFM: discrete Euler), temperature 1, no guidance; "
+            f"codebook scale {args.codebook_scale}.")
     plot = figure_metrics_vs(rows, "objective", "step", vfm.OBJECTIVES,
                              f"{dataset}: quality vs training steps ({b['model']}, batch {b['batch_size']})",
                              "training steps", reference)
     return write_outputs(args, "convergence-" + args.data, table, note,
-                         dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir), runs=runs,
-                              reference=reference, rows=rows), start, {"convergence-" + args.data: plot})
+                         dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir),
+                              codebook_scale=args.codebook_scale, runs=runs, reference=reference, rows=rows), start, {"convergence-" + args.data: plot})
 
 
 def seconds_per_step(run_dir):

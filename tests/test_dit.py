@@ -37,9 +37,11 @@ def test_output_shape_continuous_input(patch_size):
 
 @pytest.mark.parametrize("patch_size", [1, 2])
 def test_output_shape_discrete_input(patch_size):
+    """DFM's tokens are embedded straight into the model width (32 here), not into the code dimension."""
     model = tiny(patch_size=patch_size, input_vocab=17)
     x = torch.randint(0, 17, (3, 8, 8))
-    assert model.token_embedder.weight.shape == (17, 4)
+    assert model.token_embedder.weight.shape == (17, 32)
+    assert model.patch_embed.weight.shape == (32, patch_size * patch_size * 32)
     assert model(x, torch.rand(3), torch.randint(0, 11, (3,))).shape == (3, 8, 8, 16)
 
 

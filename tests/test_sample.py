@@ -127,3 +127,34 @@ def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, mo
         sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "2",
                      "--batch-size", "2", "--out", str(tmp_path)])
     assert e.value.code == 2 and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_ckpts, codes_dir, tmp_path):
+    """sample.py draws what the objective at the checkpoint's own scale draws, and the same weights on the other
+    scale draw other images. A checkpoint from before the option ran on E / rms(E), and samples so."""
+    import flows
+    import train
+    import vfm
+    run = tmp_path / "raw"
+    train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "1", "--model", "DiT-T/1",
+                "--batch-size", "8", "--sample-every", "0"])
+    raw_ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert raw_ckpt["args"]["codebook_scale"] == "raw"  # the default, the paper's
+    E = raw_ckpt["codebook"]
+    assert torch.equal(flows.Flow(str(run / "checkpoints" / "last.pt")).objective.codebook, E)
+    path = flow_ckpts["purrception"]  # trained with --codebook-scale rms, far enough to depend on the noise
+    flow = flows.Flow(str(path))
+    assert torch.equal(flow.objective.codebook, vfm.flow_codebook(E, "rms"))
+
+    def draw(scale):
+        objective = vfm.build_objective("purrception", E, 10, codebook_scale=scale)
+        return flows.generate(flow.model, objective, flow.tokenizer, flows.sample_labels(10, 10), flow.grid,
+                              flows.batch_seed(0, 0), steps=3)
+
+    sample.main(["--ckpt", str(path), "--num-samples", "10", "--steps", "3", "--out", str(tmp_path / "s")])
+    got = load(tmp_path / "s")["arr_0"]
+    assert np.array_equal(got, draw("rms")) and not np.array_equal(got, draw("raw"))
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["args"]["codebook_scale"]
+    torch.save(ckpt, tmp_path / "before-the-option.pt")
+    assert flows.Flow(str(tmp_path / "before-the-option.pt")).objective.codebook_scale == "rms"

@@ -183,8 +183,9 @@ def test_draws_are_those_of_sample_py(flow_ckpts, tmp_path):
 def test_convergence_on_codes(codes_dir, classifier, tmp_path, monkeypatch):
     drawn = drawn_by(monkeypatch, convergence)
     study.main(["convergence", "--data", "fashion-mnist", "--codes", str(codes_dir), *scoring(classifier),
-                "--budget", "tiny", "--out", str(tmp_path)])
+                "--budget", "tiny", "--out", str(tmp_path), "--codebook-scale", "rms"])
     (header, rows), record = outputs(tmp_path, "convergence-fashion-mnist")
+    assert record["codebook_scale"] == "rms"
     assert header == ["objective", "training steps", "accuracy", "FID-LeNet", "s/step (train)"]
     b = convergence.IMAGE_BUDGETS["tiny"]
     steps = list(range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]))
@@ -194,6 +195,7 @@ def test_convergence_on_codes(codes_dir, classifier, tmp_path, monkeypatch):
         ckpt = tmp_path / "runs" / row["objective"] / "checkpoints" / f"step-{row['step']:07d}.pt"
         args = flows.load_checkpoint(str(ckpt))["args"]
         assert args["objective"] == row["objective"] and args["batch_size"] == b["batch_size"]
+        assert args["codebook_scale"] == "rms"
         if row["step"] == steps[-1]:
             check_row(row, images, ckpt, tmp_path / f"sample-{row['objective']}", classifier,
                       "--num-samples", b["num_samples"], "--steps", b["steps"], "--seed", 0)

@@ -58,6 +58,16 @@ def test_one_method_writes_metrics(tmp_path, method):
         assert all(kl >= 0 for kl in saved["kl_by_t"].values())  # KL(exact || learned) >= 0
 
 
+def test_the_codebook_scale_flag_reaches_the_objective(tmp_path):
+    toy = make_toy("pairs")
+    for scale, codebook in (("raw", toy.codebook), ("rms", toy.codebook / toy.codebook.pow(2).mean().sqrt())):
+        metrics = run.main(["--method", "oracle", "--toy", "pairs", "--num-samples", "100", "--steps", "2",
+                            "--out", str(tmp_path / scale)] + (["--codebook-scale", scale] if scale == "rms" else []))
+        assert metrics["codebook_scale"] == scale
+        _, oracle, objective = run.run_method(toy, "oracle", 0, 0, 100, 2, codebook_scale=scale)
+        assert torch.allclose(objective.codebook, codebook) and torch.equal(oracle.codebook, codebook.double())
+
+
 def test_oracle_is_within_sampling_error(tmp_path):
     """The exact posterior through 100 Euler steps: its TV is that of n exact draws, below 1/2 sqrt(M / n) for M
     configurations (the bound on the expected TV of n draws from p)."""

@@ -175,6 +175,9 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
                          "--objective", "cfm")
     assert rc == 2 and "trained with --objective purrception" in err
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
+                         "--codebook-scale", "rms")
+    assert rc == 2 and "trained with --codebook-scale raw, not rms" in err
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
     assert rc == 2 and "last.pt: not a readable PyTorch file" in err and len(err.strip().splitlines()) == 1
@@ -221,8 +224,10 @@ def test_a_non_finite_gradient_stops_training_but_a_skipped_fp16_step_does_not(c
     assert rc == 2 and "error: step 1: the loss or its gradient is not a finite number" in err
     assert "no checkpoint was written" in err
     assert not (tmp_path / "a" / "checkpoints" / "last.pt").exists()
-    # fp16 loss scaling starts at 2^16 and skips the steps whose gradients overflow: the run goes on
-    train.main([str(a) for a in common] + ["--out", str(tmp_path / "b"), "--steps", "3", "--precision", "fp16"])
+    # fp16 loss scaling starts at 2^16 and skips the steps whose gradients overflow (with a z-loss of 100, the first
+    # three): the run goes on
+    train.main([str(a) for a in common] + ["--out", str(tmp_path / "b"), "--steps", "3", "--precision", "fp16",
+                                           "--z-loss", "100"])
     records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and None in [r["grad_norm"] for r in records]
 
@@ -283,12 +288,12 @@ def test_missing_codes_dir(tmp_path):
 def test_logged_loss_and_loss_by_t_at_the_initial_zero_logits(codes_dir, tmp_path, objective):
     """adaLN-Zero starts every output at 0: with --lr 1e-30 the logits stay 0 to float precision, so every logged
     loss (averaged over steps, micro-batches and ranks) and every loss-by-t bin is the cross-entropy of a uniform
-    posterior, log K, plus for Purrception the z-loss 1e-5 * log(K)^2."""
+    posterior, log K, plus the z-loss 1e-5 * log(K)^2."""
     run = tmp_path / "run"
     train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "6", *SMALL,
                 "--log-every", "3", "--lr", "1e-30", "--grad-accum", "2"])
     log_k = np.log(256)
-    expected = log_k + (1e-5 * log_k ** 2 if objective == "purrception" else 0)
+    expected = log_k + 1e-5 * log_k ** 2
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     for r in records:

@@ -11,15 +11,34 @@ from toy.run import ToyMLP
 from toy.toys import Oracle, make_toy
 
 
-def test_flow_codebook_has_unit_rms_and_keeps_nearest_codes():
+def test_the_raw_codebook_is_the_default_and_rms_rescales_it_keeping_the_nearest_codes():
     E = torch.randn(50, 8)
     E = E / E.norm(dim=1, keepdim=True)  # unit-sphere codes, as LlamaGen's
-    F_ = vfm.flow_codebook(E)
-    assert torch.allclose(F_, E * math.sqrt(8), atol=1e-5)
-    assert F_.pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(vfm.flow_codebook(E), E) and torch.equal(vfm.Purrception(E).codebook, E)
+    R = vfm.flow_codebook(E, "rms")
+    assert torch.allclose(R, E * math.sqrt(8), atol=1e-5) and torch.equal(vfm.DFM(E, codebook_scale="rms").codebook, R)
+    assert R.pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
     z = torch.randn(3, 4, 8)
-    assert torch.equal(vfm.snap(z * math.sqrt(8), F_), vfm.snap(z, E))  # a global scale of both changes nothing
+    assert torch.equal(vfm.snap(z * math.sqrt(8), R), vfm.snap(z, E))  # a global scale of both changes nothing
     assert torch.equal(vfm.snap(E[[3, 7, 9]], E), torch.tensor([3, 7, 9]))
+    with pytest.raises(ValueError, match="unknown codebook scale 'unit'"):
+        vfm.Purrception(E, codebook_scale="unit")
+
+
+def test_the_flow_on_scaled_codes_is_the_raw_flow_under_a_time_change():
+    """With exact posteriors: the flow on s E at (z, t) knows what the flow on E knows at (z / a, t'), with
+    a = 1 - t + s t and t' = s t / a, as vfm.py states. Two tokens, so the posterior couples them."""
+    toy = make_toy("pairs")
+    E = 3 * toy.codebook  # rms about 3, so that "rms" scales the codes by s of about 1/3
+    raw, rms = vfm.Purrception(E), vfm.Purrception(E, codebook_scale="rms")
+    s = (rms.codebook.norm() / raw.codebook.norm()).double()
+    z, t = torch.randn(6, 2, 2).double(), torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95]).double()
+    a = 1 - t + s * t
+    on_scaled = Oracle(toy, rms.codebook)(z, t)
+    on_raw = Oracle(toy, raw.codebook)(z / a.view(-1, 1, 1), s * t / a)
+    assert torch.allclose(torch.log_softmax(on_scaled, -1), torch.log_softmax(on_raw, -1), atol=1e-6)
+    assert not torch.allclose(torch.log_softmax(on_scaled, -1), torch.log_softmax(Oracle(toy, raw.codebook)(z, t), -1),
+                              atol=1e-2)  # without the time change the two posteriors differ
 
 
 def test_snap_matches_brute_force():
@@ -60,9 +79,9 @@ def test_label_dropout_uses_the_null_class():
 @pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
 def test_purrception_velocity_matches_float64_reference(tau):
     rng = np.random.default_rng(0)
-    E = rng.normal(size=(16, 3))
+    E = 2 * rng.normal(size=(16, 3))
     obj = vfm.Purrception(torch.tensor(E, dtype=torch.float32))
-    Ef = E / np.sqrt((E ** 2).mean())  # the flow codebook
+    Ef = E  # the flow runs on the raw codebook
     logits, z, t = rng.normal(size=(4, 5, 16)) * 3, rng.normal(size=(4, 5, 3)), 0.37
     l = logits / tau
     p = np.exp(l - l.max(-1, keepdims=True))
@@ -204,12 +223,15 @@ class Fixed(torch.nn.Module):
 def test_every_objective_takes_the_same_keywords_and_sizes_its_network():
     assert list(vfm.OBJECTIVES) == ["purrception", "cfm", "cfm-endpoint", "dfm"]
     K, d = 6, 2
-    io = {"purrception": (K, None), "cfm": (d, None), "cfm-endpoint": (d, None), "dfm": (K, K + 1)}  # out, vocab
+    io = {"purrception": (d, K, None), "cfm": (d, d, None), "cfm-endpoint": (d, d, None),
+          "dfm": (None, K, K + 1)}  # in, out, vocab: DFM's tokens go straight to the model width
     for name in vfm.OBJECTIVES:
-        obj = vfm.build_objective(name, torch.randn(K, d), 3, p_uncond=0.2, t_min=0.05, z_loss_weight=0.3)
-        assert (obj.name, obj.num_classes, obj.p_uncond, obj.t_min, obj.z_loss_weight) == (name, 3, 0.2, 0.05, 0.3)
-        out_dim, input_vocab = io[name]
-        assert obj.model_io() == dict(in_dim=d, out_dim=out_dim, input_vocab=input_vocab)
+        obj = vfm.build_objective(name, torch.randn(K, d), 3, p_uncond=0.2, t_min=0.05, z_loss_weight=0.3,
+                                  codebook_scale="rms")
+        assert (obj.name, obj.num_classes, obj.p_uncond, obj.t_min, obj.z_loss_weight, obj.codebook_scale) == \
+            (name, 3, 0.2, 0.05, 0.3, "rms")
+        in_dim, out_dim, input_vocab = io[name]
+        assert obj.model_io() == dict(in_dim=in_dim, out_dim=out_dim, input_vocab=input_vocab)
         _, _, t = obj.loss(Fixed(torch.zeros(64, 1, out_dim)), torch.zeros(64, 1, dtype=torch.long))
         assert t.min() >= 0.05
 
@@ -223,19 +245,20 @@ def test_purrception_loss_is_cross_entropy_plus_z_loss():
     assert torch.allclose(per_sample, ref.mean(1), atol=1e-5) and loss.item() == pytest.approx(ref.mean().item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("scale", vfm.CODEBOOK_SCALES)
 @pytest.mark.parametrize("name", ["cfm", "cfm-endpoint"])
-def test_cfm_losses_regress_velocity_and_endpoint(name):
+def test_cfm_losses_regress_velocity_and_endpoint(name, scale):
     """A non-zero network output against the target computed in float64 from the same draws: the loss takes
     z0 ~ N(0, I), then t ~ U[t_min, 1), from the generator, in that order."""
-    E, codes, out = torch.randn(6, 2), torch.randint(0, 6, (3, 4)), torch.randn(3, 4, 2)
-    obj = vfm.build_objective(name, E, p_uncond=0.0)
+    E, codes, out = 2 * torch.randn(6, 2), torch.randint(0, 6, (3, 4)), torch.randn(3, 4, 2)
+    obj = vfm.build_objective(name, E, p_uncond=0.0, codebook_scale=scale)
     model = Fixed(out)
     loss, per_sample, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     z0 = torch.randn(3, 4, 2, generator=g).double()
     t_ref = vfm.T_MIN + (1 - vfm.T_MIN) * torch.rand(3, generator=g).double()
     E = E.double()
-    z1 = (E / E.pow(2).mean().sqrt())[codes]
+    z1 = (E if scale == "raw" else E / E.pow(2).mean().sqrt())[codes]
     s = t_ref.view(-1, 1, 1)
     zt, t_seen, _ = model.calls[0]
     assert torch.allclose(t.double(), t_ref) and torch.allclose(t_seen.double(), t_ref)
@@ -246,10 +269,10 @@ def test_cfm_losses_regress_velocity_and_endpoint(name):
     assert loss.item() == pytest.approx(ref.mean().item(), rel=1e-5)
 
 
-def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_masked_tokens():
-    obj = vfm.DFM(torch.randn(6, 2), p_uncond=0.0)
+def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_every_token_with_the_z_loss():
+    obj = vfm.DFM(torch.randn(6, 2), p_uncond=0.0, z_loss_weight=0.01)
     codes = torch.randint(0, 6, (4000, 8))
-    logits = torch.randn(4000, 8, 6)
+    logits = 4 * torch.randn(4000, 8, 6)
     model = Fixed(logits)
     loss, per_sample, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(0))
     xt = model.calls[0][0]
@@ -261,9 +284,10 @@ def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_masked_tokens():
         expected = (1 - t[rows]).double()
         se = math.sqrt((expected * (1 - expected)).sum().item() * 8) / (8 * rows.sum().item())
         assert masked[rows].double().mean().item() == pytest.approx(expected.mean().item(), abs=4 * se)
+    # the paper's code: cross-entropy over all positions, masked or not, plus the z-loss
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 6), codes.reshape(-1), reduction="none").view(4000, 8)
-    ref = (ce * masked).sum(1) / masked.sum(1).clamp_min(1)
-    assert torch.allclose(per_sample, ref, atol=1e-5)
+    ref = (ce + 0.01 * torch.logsumexp(logits, -1).pow(2)).mean(1)
+    assert torch.allclose(per_sample, ref, atol=1e-5) and loss.item() == pytest.approx(ref.mean().item(), rel=1e-5)
 
 
 def test_dfm_sampler_reveals_every_token():

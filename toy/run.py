@@ -39,11 +39,13 @@ METHODS = (*vfm.OBJECTIVES, "oracle")
 # ----------------------------------------------------------------------------------------------------------
 
 class ToyMLP(nn.Module):
-    """model(x, t, y) -> (B, N, out_dim). x: (B, N, d) float, or (B, N) long when input_vocab is set (DFM)."""
+    """model(x, t, y) -> (B, N, out_dim). x: (B, N, d) float, or (B, N) long when input_vocab is set (DFM: each
+    token is embedded straight into the model width, as the DiT does)."""
 
     def __init__(self, num_tokens, in_dim, out_dim, input_vocab=None, hidden=256, depth=3, num_frequencies=8):
         super().__init__()
         self.num_tokens, self.out_dim = num_tokens, out_dim
+        in_dim = hidden if input_vocab else in_dim
         self.token_embed = nn.Embedding(input_vocab, in_dim) if input_vocab else None
         self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(num_frequencies))
         layers, width = [], num_tokens * in_dim + 2 * num_frequencies
@@ -54,7 +56,7 @@ class ToyMLP(nn.Module):
 
     def forward(self, x, t, y=None):
         if self.token_embed is not None:
-            x = self.token_embed(x)  # (B, N, d)
+            x = self.token_embed(x)  # (B, N, hidden)
         angles = t.float()[:, None] * self.frequencies  # (B, F)
         h = torch.cat([x.flatten(1), angles.sin(), angles.cos()], dim=1)  # (B, N*d + 2F)
         return self.net(h).view(-1, self.num_tokens, self.out_dim)  # (B, N, out_dim)
@@ -112,9 +114,10 @@ def posterior_by_t(toy, codebook, model, ts, n=2000, seed=0):
     return rows
 
 
-def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print):
+def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print, codebook_scale="raw"):
     """Train one method (the oracle needs no training) and score its samples. Returns (metrics, model, obj)."""
-    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook)
+    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook,
+                                    codebook_scale=codebook_scale)
     start = time.time()
     if method == "oracle":
         model, iters = Oracle(toy, objective.codebook), 0
@@ -122,8 +125,9 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
         model = train(toy, objective, iters, seed,
                       progress=lambda s, l: log(f"  {method:<13} step {s:>5}/{iters}  loss {l:.4f}"))
     codes = sample(toy, objective, model, num_samples, seed, steps=steps)
-    metrics = dict(method=method, toy=toy.name, iters=iters, tv=round(toy.tv(codes), 4),
-                   seconds=round(time.time() - start, 2), num_samples=num_samples, steps=steps, seed=seed)
+    metrics = dict(method=method, toy=toy.name, codebook_scale=codebook_scale, iters=iters,
+                   tv=round(toy.tv(codes), 4), seconds=round(time.time() - start, 2), num_samples=num_samples,
+                   steps=steps, seed=seed)
     if method == "purrception":
         kl = posterior_by_t(toy, objective.codebook, model, [0.1, 0.3, 0.5, 0.7, 0.9])
         metrics["kl_by_t"] = {f"{r['t']:.1f}": round(r["kl"], 4) for r in kl}
@@ -241,6 +245,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--steps", type=int, default=100, help="Euler steps (DFM: discrete Euler steps)")
+    p.add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
+                   help="the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py")
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -277,7 +283,8 @@ def experiment(args):
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
 
     if args.method:
-        metrics, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps)
+        metrics, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps,
+                                   codebook_scale=args.codebook_scale)
         files.write_json(out("metrics.json"), metrics)
         print(json.dumps(metrics))
         return metrics
@@ -286,7 +293,8 @@ def experiment(args):
     print(f"toy '{toy.name}': {toy.description}; {args.iters} iterations per method, "
           f"{args.num_samples} samples, {args.steps} Euler steps")
     for method in ("oracle", *vfm.OBJECTIVES):
-        results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps, log=quiet)
+        results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps, log=quiet,
+                                     codebook_scale=args.codebook_scale)
         print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
     table = files.markdown_table(["method", "iterations", "seconds", "TV"],
                                  [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
