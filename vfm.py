@@ -366,10 +366,11 @@ class DFM(Objective):
             logits = self.guided(model, x, t, y, cfg_scale)  # (B, *S, K)
             if callback is not None:
                 callback(t, x, logits)
-            probs = torch.softmax(logits / tau(t), dim=-1)  # (B, *S, K)
-            draw = torch.multinomial(probs.reshape(-1, self.num_codes), 1, generator=generator).view(shape)
             reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)  # (B, *S)
-            x = torch.where((x == self.mask_token) & reveal, draw, x)
+            reveal &= x == self.mask_token  # the masked tokens revealed in this step draw their codes
+            if reveal.any():
+                probs = torch.softmax(logits[reveal] / tau(t), dim=-1)  # (R, K)
+                x = x.masked_scatter(reveal, torch.multinomial(probs, 1, generator=generator).squeeze(1))
         return x
 
 

@@ -64,7 +64,7 @@ def test_the_codebook_scale_flag_reaches_the_objective(tmp_path):
         metrics = run.main(["--method", "oracle", "--toy", "pairs", "--num-samples", "100", "--steps", "2",
                             "--out", str(tmp_path / scale)] + (["--codebook-scale", scale] if scale == "rms" else []))
         assert metrics["codebook_scale"] == scale
-        _, oracle, objective = run.run_method(toy, "oracle", 0, 0, 100, 2, codebook_scale=scale)
+        _, oracle, objective, _ = run.run_method(toy, "oracle", 0, 0, 100, 2, codebook_scale=scale)
         assert torch.allclose(objective.codebook, codebook) and torch.equal(oracle.codebook, codebook.double())
 
 

@@ -42,7 +42,7 @@ class ToyMLP(nn.Module):
     """model(x, t, y) -> (B, N, out_dim). x: (B, N, d) float, or (B, N) long when input_vocab is set (DFM: each
     token is embedded straight into the model width, as the DiT does)."""
 
-    def __init__(self, num_tokens, in_dim, out_dim, input_vocab=None, hidden=256, depth=3, num_frequencies=8):
+    def __init__(self, num_tokens, in_dim, out_dim, input_vocab=None, hidden=128, depth=3, num_frequencies=8):
         super().__init__()
         self.num_tokens, self.out_dim = num_tokens, out_dim
         in_dim = hidden if input_vocab else in_dim
@@ -66,7 +66,7 @@ class ToyMLP(nn.Module):
 # Train, sample, measure
 # ----------------------------------------------------------------------------------------------------------
 
-def train(toy, objective, iters, seed, batch_size=512, lr=2e-3, progress=None, on_step=None):
+def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, on_step=None):
     """Train a ToyMLP for `iters` steps; on_step(step, model), if given, runs after each optimizer step
     (step counts the steps done, 1 to iters), e.g. to score the model along the way."""
     torch.manual_seed(seed)
@@ -115,7 +115,8 @@ def posterior_by_t(toy, codebook, model, ts, n=2000, seed=0):
 
 
 def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print, codebook_scale="raw"):
-    """Train one method (the oracle needs no training) and score its samples. Returns (metrics, model, obj)."""
+    """Train one method (the oracle needs no training) and score its samples. Returns (metrics, model, objective,
+    the samples scored)."""
     objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook,
                                     codebook_scale=codebook_scale)
     start = time.time()
@@ -131,7 +132,7 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
     if method == "purrception":
         kl = posterior_by_t(toy, objective.codebook, model, [0.1, 0.3, 0.5, 0.7, 0.9])
         metrics["kl_by_t"] = {f"{r['t']:.1f}": round(r["kl"], 4) for r in kl}
-    return metrics, model, objective
+    return metrics, model, objective, codes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,9 +154,9 @@ def draw_histogram(ax, toy, hist, title):
     ax.set_yticks([])
 
 
-def figures(toy, results, seed, n=5000):
-    """{file name: its writer} for samples.png (histograms and trajectories), posterior.png (entropy and KL over
-    t) and temperature.png; histograms from n samples each, trajectories of up to 64 of them."""
+def figures(toy, results, seed, steps, n=4000):
+    """{file name: its writer} for samples.png (the histograms of the scored samples, and trajectories of 64),
+    posterior.png (entropy and KL over t) and temperature.png (n samples at each temperature)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,12 +172,11 @@ def figures(toy, results, seed, n=5000):
             axes[1, col].scatter(*pts[:, 0].T.numpy(), s=1, c="tab:blue", alpha=0.3)
             axes[1, col].set_title("data (token 1)", fontsize=9)
         else:
-            metrics, model, objective = results[name]
-            codes = sample(toy, objective, model, n, seed)
+            metrics, model, objective, codes = results[name]
             draw_histogram(axes[0, col], toy, toy.histogram(codes), f"{name}  TV {metrics['tv']:.3f}")
             path = []
             if name != "dfm":
-                ends = sample(toy, objective, model, min(64, n), seed, steps=50,
+                ends = sample(toy, objective, model, 64, seed, steps=steps,
                               callback=lambda t, z, out: path.append(z[:, 0] / scale))
                 path = torch.stack(path + [objective.codebook[ends[:, 0]] / scale])  # (T, min(64, n), 2)
                 for i in range(path.shape[1]):
@@ -193,13 +193,13 @@ def figures(toy, results, seed, n=5000):
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{toy.name}: {toy.description}; 100 Euler steps", fontsize=10)
+    fig.suptitle(f"{toy.name}: {toy.description}; {steps} Euler steps", fontsize=10)
     fig.tight_layout()
     written["samples.png"] = files.figure(fig)
 
     if "purrception" in results:
-        _, model, objective = results["purrception"]
-        rows = posterior_by_t(toy, objective.codebook, model, torch.linspace(0.02, 0.98, 25).tolist(), n=min(n, 2000))
+        _, model, objective, _ = results["purrception"]
+        rows = posterior_by_t(toy, objective.codebook, model, torch.linspace(0.02, 0.98, 25).tolist(), n=2000)
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
         ts = [r["t"] for r in rows]
         a.plot(ts, [r["entropy_exact"] for r in rows], label="exact posterior", c="k")
@@ -217,15 +217,14 @@ def figures(toy, results, seed, n=5000):
         temps = [0.25, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0]
         fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
         for name, style in (("oracle", "k-o"), ("purrception", "b-s")):
-            _, model, objective = results[name]
-            tvs = [toy.tv(sample(toy, objective, model, n, seed, temperature=tau)) for tau in temps]
-            axes[0].plot(temps, tvs, style, label=name, ms=3)
+            _, model, objective, _ = results[name]
+            drawn = {tau: sample(toy, objective, model, n, seed, steps=steps, temperature=tau) for tau in temps}
+            axes[0].plot(temps, [toy.tv(codes) for codes in drawn.values()], style, label=name, ms=3)
         axes[0].set_xlabel("temperature tau")
         axes[0].set_ylabel(f"TV to p(c) ({n:,} samples)")
         axes[0].legend(fontsize=8)
         for ax, tau in zip(axes[1:], (0.5, 1.0, 2.0)):
-            codes = sample(toy, objective, model, n, seed, temperature=tau)
-            draw_histogram(ax, toy, toy.histogram(codes), f"Purrception, tau = {tau}")
+            draw_histogram(ax, toy, toy.histogram(drawn[tau]), f"Purrception, tau = {tau}")
         fig.tight_layout(rect=(0, 0, 1, 0.95))
         written["temperature.png"] = files.figure(fig)
     return written
@@ -241,7 +240,7 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS, help="run one method and write OUT/metrics.json "
                    "(default: all four methods and the oracle, with a table and figures)")
     p.add_argument("--toy", default="checkerboard", choices=list(TOYS))
-    p.add_argument("--iters", type=int, default=1500, help="training iterations per method (batch 512)")
+    p.add_argument("--iters", type=int, default=1200, help="training iterations per method (batch 512)")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^32)")
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--steps", type=int, default=100, help="Euler steps (DFM: discrete Euler steps)")
@@ -283,7 +282,7 @@ def experiment(args):
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
 
     if args.method:
-        metrics, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps,
+        metrics, _, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps,
                                    codebook_scale=args.codebook_scale)
         files.write_json(out("metrics.json"), metrics)
         print(json.dumps(metrics))
@@ -298,13 +297,13 @@ def experiment(args):
         print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
     table = files.markdown_table(["method", "iterations", "seconds", "TV"],
                                  [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
-                                  for m, _, _ in results.values()])
+                                  for m, _, _, _ in results.values()])
     writers = {out(f"metrics-{method}.json"): lambda path, m=m: files.write_json(path, m)
-               for method, (m, _, _) in results.items()}
+               for method, (m, _, _, _) in results.items()}
     writers[out("table.md")] = lambda path: files.write_text(path, table)
     if not args.no_figures:
         writers.update({out(name): write for name, write in
-                        figures(toy, results, args.seed, min(5000, args.num_samples)).items()})
+                        figures(toy, results, args.seed, args.steps, min(4000, args.num_samples)).items()})
     files.write_together(writers)
     print(table, end="")
     if not args.no_figures:
