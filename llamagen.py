@@ -43,8 +43,9 @@ The flow and the codebook scale
 -------------------------------
 `LlamaGenVQ.codebook` is the L2-normalised codebook, the vectors the lookup and the decoder use. Unit-norm codes
 in 8 dimensions have a per-dimension RMS of 1 / sqrt(8) ~ 0.35, far smaller than the flow's N(0, I) source.
-The flow therefore runs on vfm.flow_codebook(E) = E / rms(E), which is sqrt(8) * E for unit-norm codes; snapping
-to the nearest code is unchanged by a global scale, so the tokenizer's own codebook is never modified.
+The paper's flow runs on them as they are (train.py's default); `--codebook-scale rms` runs it on
+vfm.flow_codebook(E, "rms") = E / rms(E), which is sqrt(8) * E for unit-norm codes. Snapping to the nearest code
+is unchanged by a global scale, so the tokenizer's own codebook is never modified.
 """
 
 import argparse

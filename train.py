@@ -265,7 +265,7 @@ def check_args(args):
     """Numbers that make no sense are refused before anything runs."""
     check_positive(args, "steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "lr")
     check_non_negative(args, "warmup_steps", "weight_decay", "z_loss", "keep_every", "sample_every")
-    check_fraction(args, "ema_decay", "p_uncond")
+    check_fraction(args, "ema_decay", "p_uncond", "lr_final")
     check_seed(args)
     if not args.grad_clip > 0:  # a negative norm would scale the gradient by a negative factor and climb
         raise UserError(f"--grad-clip {args.grad_clip}: expected a number > 0 (inf: no clipping)")
@@ -342,12 +342,13 @@ def _train(args, rank, world, device):
             finish_step_on_ctrl_c(world) as stop:
         while step < args.steps:
             # One training step
-            lr = learning_rate(step, args.steps, args.lr, args.warmup_steps)
+            lr = learning_rate(step, args.steps, args.lr, args.warmup_steps, final=args.lr_final)
+            ema_decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
             with user_errors():  # codes out of range in a shard are met as they are read
                 micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
                                  for c, y in (batches.next() for _ in range(args.grad_accum))]
             grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
-                                   args.grad_clip, args.ema_decay, loss_by_t, step)
+                                   args.grad_clip, ema_decay, loss_by_t, step)
             step += 1
             bar.update(1)
             if not scaler.is_enabled():  # with fp16 loss scaling, an overflowing step is skipped, not a fault
@@ -412,9 +413,15 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    p.add_argument("--lr-final", type=float, default=1.0,
+                   help="the learning rate at the last step, as a fraction of --lr, reached along a half cosine after "
+                   "the warm-up (schedule.py); 1 holds it constant, as DiT")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(--ema-decay, (1 + n) / (10 + n)) at step n, so a short run's EMA is not "
+                   "held back by its first weights")
     p.add_argument("--p-uncond", type=float, default=vfm.P_UNCOND, help="label-drop probability (for guidance)")
     p.add_argument("--z-loss", type=float, default=vfm.Z_LOSS_WEIGHT, help="z-loss weight (Purrception and DFM)")
     p.add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,

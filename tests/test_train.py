@@ -320,3 +320,21 @@ def test_codes_out_of_range_and_a_checkpoint_missing_its_parts_are_one_line(code
     torch.save(ckpt, tmp_path / "partial.pt")
     rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "partial.pt", "--out", tmp_path / "s")
     assert rc == 2 and "partial.pt: no codes_meta in it" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lr_final_decays_the_rate_along_the_schedule_and_ema_warmup_follows_the_weights(codes_dir, tmp_path):
+    """--lr-final 0.1: the logged rate of every step is schedule.learning_rate's cosine from --lr down to a tenth.
+    --ema-warmup: the first step's EMA decay is min(0.9999, 1 / 10), so the EMA holds 9/10 of the new weights."""
+    from schedule import learning_rate
+    train.main(["--codes", str(codes_dir), "--out", str(tmp_path / "decay"), "--steps", "5", *SMALL,
+                "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "2", "--lr-final", "0.1"])
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "decay" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([learning_rate(s, 5, 1e-3, 2, final=0.1) for s in range(5)], rel=1e-6)
+    assert logged[-1] < logged[1] and logged[-1] >= 1e-4
+    for name, extra in (("plain", []), ("warm", ["--ema-warmup"])):
+        train.main(["--codes", str(codes_dir), "--out", str(tmp_path / name), "--steps", "1", *SMALL, *extra])
+    plain, warm = weights(tmp_path / "plain"), weights(tmp_path / "warm")
+    for key, w in warm["model"].items():
+        assert torch.equal(w, plain["model"][key])  # the same step; only the EMA differs
+        init = (plain["ema"][key].double() - 1e-4 * w.double()) / 0.9999
+        assert torch.allclose(warm["ema"][key].double(), init + (w.double() - init) * (1 - 1 / 10), atol=1e-6), key
