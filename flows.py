@@ -48,6 +48,15 @@ def load_checkpoint(path):
     return ckpt
 
 
+def check_weights(path, weights, model, args):
+    """ValueError naming `path` when a checkpoint's state dict does not fit the model its args describe."""
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
+        old_dfm = (" (a DFM checkpoint from before its tokens were embedded straight into the model width, which "
+                   "this version cannot load)" if args["objective"] == "dfm" else "")
+        raise ValueError(f"{path}: its weights do not fit {args['model']} for {args['objective']}{old_dfm}")
+
+
 def codebook_scale(args):
     """The codebook scale a checkpoint was trained with; checkpoints from before the option ran on E / rms(E)."""
     return args.get("codebook_scale", "rms")
@@ -94,9 +103,7 @@ class Flow:
                                            self.num_classes, self.args["p_uncond"], self.args["z_loss"],
                                            codebook_scale(self.args))
         weights = ckpt["ema" if use_ema else "model"]
-        wanted = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        if {k: tuple(v.shape) for k, v in weights.items()} != wanted:
-            raise ValueError(f"{path}: its weights do not fit {self.args['model']} for {self.args['objective']}")
+        check_weights(path, weights, self.model, self.args)
         self.model.load_state_dict(weights)
         self.model.to(device).eval()
         self.objective.to(device)

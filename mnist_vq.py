@@ -83,7 +83,8 @@ class VectorQuantizer(nn.Module):
       indices (B, h, w) the chosen codes
       commitment_loss   beta * mean |normalize(z) - sg(e_c)|^2, which pulls the encoder towards its codes
     The codes are buffers, not parameters: in training mode every call moves them (no optimizer involved).
-    The codebook is unit-norm on purpose (see the module docstring): the flow rescales it itself.
+    The codebook is unit-norm on purpose (see the module docstring): the flow uses it as it is, or rescaled with
+    `train.py --codebook-scale rms`.
     """
 
     def __init__(self, num_codes=256, dim=8, beta=0.25, decay=0.99, dead_after=20, kmeans_iters=10):

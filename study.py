@@ -41,8 +41,8 @@ BUDGET_HELP = {
                    "3,000 DiT-T/1 steps of batch 64 at about 8 steps/s, then 6 checkpoints each scored with 1,000 "
                    "samples of 100 Euler steps, about 85 s apiece).",
     "temperature": "CPU budget at --budget full, on 2 cores: about 30 minutes for DiT-T/1 (12 temperatures and "
-                   "schedules x 2 guidance scales x 1,000 samples of 50 Euler steps, the sampling setting of the "
-                   "README's Fashion-MNIST tier; guidance doubles the batch).",
+                   "schedules x 2 guidance scales x 1,000 samples of 50 Euler steps; guidance doubles the "
+                   "batch).",
     "solvers": "CPU budget at --budget full, on 2 cores: --data toy about 5 minutes; --data fashion-mnist about 10 "
                "minutes for DiT-T/1 (20 rows of 1,000 samples at NFE 4 to 100).",
     "uncertainty": "CPU budget at --budget full: seconds (6 samples, 100 Euler steps).",

@@ -8,8 +8,9 @@ One process on a CPU or a GPU with plain `python`; data-parallel under `torchrun
 the global batch is split over ranks, each rank is seeded with seed * world_size + rank, every rank reads its
 share of each epoch's permutation (DistributedSampler with set_epoch), rank 0 logs and writes checkpoints, and
 the logged loss is all-reduced. Checkpoints (flows.py says what they hold) are written atomically, so a kill
-mid-write leaves the previous one intact. `--resume` continues exactly where the last checkpoint left off:
-N steps, a resume and N more give the same weights as 2N steps in one go.
+mid-write leaves the previous one intact. `--resume` continues exactly where the last checkpoint left off: a
+run of --steps 2N stopped at step N and resumed with the same flags gives the same weights as one run of 2N
+steps (the learning-rate schedule, and so --lr-final's decay, depends on --steps).
 """
 
 import contextlib
@@ -305,6 +306,8 @@ def _train(args, rank, world, device):
     with user_errors():
         raw_model, objective = flows.build(args.model, args.objective, codebook, codes.grid, codes.num_classes,
                                            args.p_uncond, args.z_loss, args.codebook_scale)
+        if ckpt is not None:
+            flows.check_weights(ckpt_path, ckpt["model"], raw_model, ckpt["args"])
     raw_model.to(device)
     objective.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # synced once (decay 0), then updated every step
@@ -414,8 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     p.add_argument("--lr-final", type=float, default=1.0,
-                   help="the learning rate at the last step, as a fraction of --lr, reached along a half cosine after "
-                   "the warm-up (schedule.py); 1 holds it constant, as DiT")
+                   help="the learning rate that a half cosine after the warm-up reaches at the end of the run, as a "
+                   "fraction of --lr (schedule.py); 1 holds it constant, as DiT")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)

@@ -13,8 +13,10 @@ Conventions, stated once and used by every file in this repo
   (codebook_scale = "raw", the default). The option "rms" runs it on E / rms(E) (rms over all K * d entries),
   codes with the per-dimension scale of the source: sqrt(8) * E for LlamaGen's unit-sphere codes in d = 8.
   A global scale s leaves every nearest code unchanged (the tokenizer never sees it), and the flow on s E is
-  the paper's flow under the time change t' = s t / (1 + (s - 1) t): z'_t = (1 - t + s t) z_t'. For s > 1 it
-  spends training times and solver steps nearer the data (with s = sqrt(8), t' < 1/2 only for t < 0.26).
+  the paper's flow under the time change t' = s t / (1 + (s - 1) t): the point at time t of the path to s e is
+  (1 - t + s t) times the point at time t' of the path to e, from the same z0. For s > 1 (codes smaller than
+  the noise, as unit-norm codes in d = 8, s = sqrt(8)) it spends training times and solver steps nearer the
+  data: with s = sqrt(8), t' < 1/2 only for t < 0.26.
 * Classes: y in [0, num_classes); the null class ("no label") is the index num_classes. During training labels
   are replaced by the null class with probability p_uncond = 0.1 (as DiT), so the same network is also the
   unconditional model that guidance needs. With num_classes = 0 every label is the null class.

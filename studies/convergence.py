@@ -49,8 +49,8 @@ def run(args):
         refuse_to_replace(args, toy_output_name(args))
         return on_toys(args)
     if args.schedule:
-        raise UserError("--schedule is for --data toy; train.py keeps its learning rate constant after warm-up, "
-                        "so the checkpoints along one run are what a shorter budget gives")
+        raise UserError("--schedule is for --data toy; on images the study runs train.py with a constant learning "
+                        "rate after warm-up, so the checkpoints along one run are what a shorter budget gives")
     refuse_to_replace(args, "convergence-" + args.data)
     return on_codes(args)
 

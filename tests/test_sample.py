@@ -158,3 +158,15 @@ def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_c
     del ckpt["args"]["codebook_scale"]
     torch.save(ckpt, tmp_path / "before-the-option.pt")
     assert flows.Flow(str(tmp_path / "before-the-option.pt")).objective.codebook_scale == "rms"
+
+
+def test_a_dfm_checkpoint_with_the_earlier_token_embedding_is_one_clear_line(flow_ckpts, tmp_path):
+    """DFM once embedded its K + 1 tokens into the code dimension d = 8; those weights cannot be loaded now."""
+    ckpt = torch.load(flow_ckpts["dfm"], weights_only=False)
+    for key in ("model", "ema"):
+        ckpt[key]["token_embedder.weight"] = torch.zeros(257, 8)
+        ckpt[key]["patch_embed.weight"] = torch.zeros(128, 8)
+    torch.save(ckpt, tmp_path / "old-dfm.pt")
+    rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "old-dfm.pt", "--out", tmp_path / "s")
+    assert rc == 2 and "old-dfm.pt: its weights do not fit DiT-T/1 for dfm (a DFM checkpoint from before" in err
+    assert len(err.strip().splitlines()) == 1

@@ -178,6 +178,16 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
                          "--codebook-scale", "rms")
     assert rc == 2 and "trained with --codebook-scale raw, not rms" in err
+    ckpt = weights(run)  # a checkpoint from before the option ran on E / rms(E)
+    del ckpt["args"]["codebook_scale"]
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
+    assert rc == 2 and "trained with --codebook-scale rms, not raw" in err
+    ckpt["model"]["final_layer.linear.bias"] = torch.zeros(3)  # weights that do not fit the model
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
+                         "--codebook-scale", "rms")
+    assert rc == 2 and "last.pt: its weights do not fit DiT-T/1 for purrception" in err and "Traceback" not in err
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
     assert rc == 2 and "last.pt: not a readable PyTorch file" in err and len(err.strip().splitlines()) == 1

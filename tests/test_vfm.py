@@ -290,11 +290,13 @@ def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_every_token_with_t
     assert torch.allclose(per_sample, ref, atol=1e-5) and loss.item() == pytest.approx(ref.mean().item(), rel=1e-5)
 
 
-def test_dfm_sampler_reveals_every_token():
+def test_dfm_sampler_reveals_every_token_with_its_own_positions_code():
+    """Logits that name a different code at every sample and position: each revealed token takes its own."""
     obj = vfm.DFM(torch.randn(6, 2))
-    model = lambda x, t, y: torch.nn.functional.one_hot(torch.full(x.shape, 4), 6).float() * 50  # noqa: E731
+    target = torch.randint(0, 6, (5, 9), generator=torch.Generator().manual_seed(1))
+    model = lambda x, t, y: torch.nn.functional.one_hot(target, 6).float() * 50  # noqa: E731
     codes = obj.sample(model, (5, 9), steps=3, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(codes, torch.full((5, 9), 4))
+    assert torch.equal(codes, target)
 
 
 def test_dfm_sampler_follows_the_reveal_schedule():

@@ -35,7 +35,7 @@ METHODS = (*vfm.OBJECTIVES, "oracle")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The network: an MLP over all tokens of z_t (or of the masked tokens, for DFM)
+# The network: an MLP over all tokens of z_t (for DFM, of x_t's tokens, masked or revealed)
 # ----------------------------------------------------------------------------------------------------------
 
 class ToyMLP(nn.Module):
@@ -178,7 +178,7 @@ def figures(toy, results, seed, steps, n=4000):
             if name != "dfm":
                 ends = sample(toy, objective, model, 64, seed, steps=steps,
                               callback=lambda t, z, out: path.append(z[:, 0] / scale))
-                path = torch.stack(path + [objective.codebook[ends[:, 0]] / scale])  # (T, min(64, n), 2)
+                path = torch.stack(path + [objective.codebook[ends[:, 0]] / scale])  # (T, 64, 2)
                 for i in range(path.shape[1]):
                     axes[1, col].plot(*path[:, i].T.numpy(), lw=0.5, c="tab:orange", alpha=0.6)
                 axes[1, col].set_title("trajectories (token 1)", fontsize=9)
