@@ -62,7 +62,7 @@ def _sample(args, rank, world, device):
     labels = flows.sample_labels(args.num_samples, flow.num_classes)
     guided = flow.num_classes > 0 and args.cfg_scale not in (0, 1)  # two network passes per evaluation
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=flow.step, weights="model" if args.no_ema else "ema",
-                    objective=flow.name, model=flow.args["model"],
+                    objective=flow.name, model=flow.args["model"], codebook_scale=flow.objective.codebook_scale,
                     num_samples=args.num_samples, temperature=args.temperature, cfg_scale=args.cfg_scale,
                     steps=args.steps, solver=args.solver, seed=args.seed, batch_size=args.batch_size,
                     nfe=vfm.num_evaluations(args.steps, args.solver) * (2 if guided else 1))

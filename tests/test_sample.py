@@ -154,6 +154,7 @@ def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_c
     sample.main(["--ckpt", str(path), "--num-samples", "10", "--steps", "3", "--out", str(tmp_path / "s")])
     got = load(tmp_path / "s")["arr_0"]
     assert np.array_equal(got, draw("rms")) and not np.array_equal(got, draw("raw"))
+    assert json.loads((tmp_path / "s" / "settings.json").read_text())["codebook_scale"] == "rms"
     ckpt = torch.load(path, weights_only=False)
     del ckpt["args"]["codebook_scale"]
     torch.save(ckpt, tmp_path / "before-the-option.pt")
