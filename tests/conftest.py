@@ -91,3 +91,23 @@ def run_cli(script, *args, env=None):
     cmd, kwargs = cli(script, *args, env=env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def contents(directory):
+    """{name: bytes} of every file in a directory (None for a folder; an absent directory is empty), to compare
+    a directory before and after a command."""
+    if not directory.exists():
+        return {}
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(directory.iterdir())}
+
+
+def one_line_error(capsys, main, argv, code=2):
+    """Run main(argv) in-process, expecting exit `code` with exactly one line on stderr and no traceback: "error:
+    ..." for a mistake (2), "interrupted ..." for Ctrl-C (130). Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " if code == 2 else "interrupted"), lines
+    return lines[0]

@@ -1,12 +1,16 @@
 """sample.py: the .npz for the FID evaluators, the grid, every sampling flag, torchrun, bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import flows
 import sample
+import train
+import vfm
 from conftest import FASHION_MNIST, fill_the_disk, run_cli
 
 
@@ -107,8 +111,6 @@ def test_bad_numbers_and_paths_are_one_line_before_any_work(flow_ckpts, tmp_path
 
 
 def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir, tmp_path):
-    import shutil
-    import train
     codes = tmp_path / "codes"
     shutil.copytree(codes_dir, codes)
     meta = json.loads((codes / "meta.json").read_text())
@@ -132,9 +134,6 @@ def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, mo
 def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_ckpts, codes_dir, tmp_path):
     """sample.py draws what the objective at the checkpoint's own scale draws, and the same weights on the other
     scale draw other images. A checkpoint from before the option ran on E / rms(E), and samples so."""
-    import flows
-    import train
-    import vfm
     run = tmp_path / "raw"
     train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "1", "--model", "DiT-T/1",
                 "--batch-size", "8", "--sample-every", "0"])

@@ -14,7 +14,7 @@ import flows
 import sample
 import study
 import vfm
-from conftest import FASHION_MNIST, fill_the_disk, run_cli
+from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli
 from studies import common, convergence, solvers, temperature, uncertainty
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
@@ -262,23 +262,6 @@ def test_uncertainty(flow_ckpts, tmp_path):
 
 # ---- bad input: one line on stderr, exit status 2, before any work, files left as they were -----------------
 
-def contents(directory):
-    """{name: bytes} of every file in a directory (None for a folder; an absent directory is empty)."""
-    if not directory.exists():
-        return {}
-    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(directory.iterdir())}
-
-
-def one_line_error(capsys, argv, code=2):
-    with pytest.raises(SystemExit) as e:
-        study.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == code and "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: " if code == 2 else "interrupted"), lines
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def bad(flow_ckpts, tmp_path_factory):
     """Files that are not what a flag expects: half a checkpoint, samples, a directory, a file, a DFM checkpoint
@@ -349,7 +332,7 @@ def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier,
     names = dict(codes=codes_dir, bad=bad, tokenizer=tokenizer_run / "tokenizer.pt", classifier=classifier,
                  **flow_ckpts)
     out, bad_before = tmp_path / "out", contents(bad)
-    err = one_line_error(capsys, [argv[0], "--budget", "tiny", "--out", out] + [a.format(**names) for a in argv[1:]])
+    err = one_line_error(capsys, study.main, [argv[0], "--budget", "tiny", "--out", out] + [a.format(**names) for a in argv[1:]])
     assert message.format(**names) in err
     assert contents(bad) == bad_before and contents(out) == {}
 
@@ -368,7 +351,7 @@ def test_an_earlier_run_is_kept_unless_force(flow_ckpts, tmp_path, capsys):
     study.main([str(a) for a in argv])
     before = contents(tmp_path)
     assert list(before) == ["uncertainty.json", "uncertainty.md", "uncertainty.png"]
-    err = one_line_error(capsys, argv + ["--seed", 1])
+    err = one_line_error(capsys, study.main, argv + ["--seed", 1])
     assert f"{tmp_path}/uncertainty.md exists (an earlier run): pass --force" in err
     assert contents(tmp_path) == before
     study.main([str(a) for a in argv + ["--seed", 1, "--force"]])
@@ -385,7 +368,7 @@ def test_a_run_stopped_before_its_end_leaves_the_earlier_outputs(flow_ckpts, tmp
     def ctrl_c(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(uncertainty.files, "markdown_table", ctrl_c)
-    one_line_error(capsys, argv + ["--seed", 1, "--force"], code=130)
+    one_line_error(capsys, study.main, argv + ["--seed", 1, "--force"], code=130)
     assert contents(tmp_path) == before
 
 
@@ -396,6 +379,6 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_outputs(flow_ckpts, tmp_
     study.main([str(a) for a in argv])
     before = contents(tmp_path)
     fill_the_disk(monkeypatch, at=".png")
-    err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
+    err = one_line_error(capsys, study.main, argv + ["--seed", 1, "--force"])
     assert err.startswith(f"error: {tmp_path}/uncertainty.png") and err.endswith(": No space left on device")
     assert contents(tmp_path) == before  # no other file, no temporary one

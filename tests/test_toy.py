@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vfm
-from conftest import fill_the_disk
+from conftest import contents, fill_the_disk, one_line_error
 from toy import run
 from toy.toys import TOYS, Oracle, make_toy
 
@@ -101,20 +101,6 @@ def test_all_methods_write_table_and_figures(tmp_path):
 
 # ---- bad input: one line on stderr, exit status 2, files left as they were ---------------------------------
 
-def contents(directory):
-    """{name: bytes} of every file in a directory."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def one_line_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        run.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert e.value.code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]
 
 
@@ -130,7 +116,7 @@ TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("mine")
-    err = one_line_error(capsys, TINY + ["--out", tmp_path / "out"] + [a.format(tmp=tmp_path) for a in args])
+    err = one_line_error(capsys, run.main, TINY + ["--out", tmp_path / "out"] + [a.format(tmp=tmp_path) for a in args])
     assert message.format(tmp=tmp_path) in err
     assert (tmp_path / "FILE").read_text() == "mine"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -142,7 +128,7 @@ def test_an_earlier_run_is_kept_unless_force(tmp_path, capsys, method):
     run.main([str(a) for a in argv])  # fewer than 64 samples: the trajectories show them all
     before = contents(tmp_path)
     assert len(before) == (1 if method else 9)
-    err = one_line_error(capsys, argv + ["--seed", 1])
+    err = one_line_error(capsys, run.main, argv + ["--seed", 1])
     assert "exists (an earlier run): pass --force" in err and contents(tmp_path) == before
     run.main([str(a) for a in argv + ["--seed", 1, "--force"]])
     assert list(contents(tmp_path)) == list(before) and contents(tmp_path) != before
@@ -154,7 +140,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_run(tmp_path, monkeypatc
     run.main([str(a) for a in argv])
     before = contents(tmp_path)
     fill_the_disk(monkeypatch, at="table.md")
-    err = one_line_error(capsys, argv + ["--seed", 1, "--force"])
+    err = one_line_error(capsys, run.main, argv + ["--seed", 1, "--force"])
     assert err.startswith(f"error: {tmp_path}/table.md") and err.endswith(": No space left on device")
     assert contents(tmp_path) == before  # no other file, no temporary one
 

@@ -18,7 +18,7 @@ import images
 import mnist_vq
 import tokenizers
 import vq
-from conftest import FASHION_MNIST, run_cli
+from conftest import FASHION_MNIST, contents, run_cli
 
 
 # ---- the quantizer ----------------------------------------------------------------------------------------
@@ -253,11 +253,6 @@ def test_an_interrupted_write_leaves_no_file(tmp_path):
 
 
 # ---- a user's mistakes: one line, exit status 2, before any work, and the files already there untouched ------
-
-def contents(directory):
-    """{name: bytes} of the files in a directory, to compare before and after."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
 
 def error_lines(err):
     return [line for line in err.splitlines() if line.startswith("error: ")]
