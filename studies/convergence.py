@@ -35,13 +35,16 @@ TOY_BUDGETS = {
 IMAGE_BUDGETS = {
     "tiny": dict(model="DiT-T/1", batch_size=8, train_steps=2, keep_every=1, lr=1e-4, warmup=0, ema_decay=0.9,
                  num_samples=20, steps=3),
-    "full": dict(model="DiT-T/1", batch_size=64, train_steps=3000, keep_every=500, lr=1e-3, warmup=100,
-                 ema_decay=0.995, num_samples=1000, steps=100),
+    # README tier 2's batch, learning rate and EMA, with the rate held after warm-up (so that the checkpoint of
+    # step N is what an N-step run gives) and the paper's sampler: 100 Euler steps, temperature 1, no guidance.
+    "full": dict(model="DiT-T/1", batch_size=32, train_steps=3000, keep_every=500, lr=4e-3, warmup=100,
+                 ema_decay=0.999, num_samples=1000, steps=100),
 }
 KL_TIMES = [0.1, 0.3, 0.5, 0.7, 0.9]
 
 
 def run(args):
+    args.objectives = parse_objectives(args.objectives)
     if args.data == "toy":
         if args.codes:
             raise UserError("--codes is for --data fashion-mnist or mnist; the toys need no code set")
@@ -53,6 +56,17 @@ def run(args):
                         "rate after warm-up, so the checkpoints along one run are what a shorter budget gives")
     refuse_to_replace(args, "convergence-" + args.data)
     return on_codes(args)
+
+
+def parse_objectives(spec):
+    """'purrception,dfm' -> ['purrception', 'dfm'] in vfm.OBJECTIVES's order; None: all four."""
+    if spec is None:
+        return list(vfm.OBJECTIVES)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in vfm.OBJECTIVES]
+    if unknown or not names:
+        raise UserError(f"--objectives {spec}: expected a comma-separated list of {', '.join(vfm.OBJECTIVES)}")
+    return [n for n in vfm.OBJECTIVES if n in names]
 
 
 def toy_output_name(args):
@@ -79,7 +93,7 @@ def on_toys(args):
         codes = toy_run.sample(toy, oracle_objective, oracle, b["num_samples"], args.seed, steps=b["steps"])
         exact = toy.sample(b["num_samples"], torch.Generator().manual_seed(args.seed))
         reference[toy_name] = dict(oracle_tv=round(toy.tv(codes), 4), exact_draws_tv=round(toy.tv(exact), 4))
-        for method in vfm.OBJECTIVES:
+        for method in args.objectives:
             for seed in range(args.seed, args.seed + b["seeds"]):
                 rows += train_and_score(toy, method, seed, b, args.schedule, args.codebook_scale)
 
@@ -89,12 +103,12 @@ def on_toys(args):
 
     table_rows = []
     for toy_name in b["toys"]:
-        table_rows += [[toy_name, "TV", m, *cells(toy_name, m, "tv")] for m in vfm.OBJECTIVES]
+        table_rows += [[toy_name, "TV", m, *cells(toy_name, m, "tv")] for m in args.objectives]
         ref = reference[toy_name]
         table_rows.append([toy_name, "TV", "oracle (exact posterior)", *[f"{ref['oracle_tv']:.3f}"] * len(b["iters"])])
         table_rows.append([toy_name, "TV", f"{b['num_samples']} exact draws",
                            *[f"{ref['exact_draws_tv']:.3f}"] * len(b["iters"])])
-    if "checkerboard" in b["toys"]:
+    if "checkerboard" in b["toys"] and "purrception" in args.objectives:
         table_rows.append(["checkerboard", "KL", "purrception", *cells("checkerboard", "purrception", "kl")])
     table = files.markdown_table(["toy", "metric", "method", *map(str, b["iters"])], table_rows)
     runs = (f"after N training iterations of one {max(b['iters'])}-iteration run" if args.schedule == "one-run" else
@@ -145,12 +159,12 @@ def train_and_score(toy, method, seed, b, schedule, codebook_scale="raw"):
 def figure_toys(args, b, rows, reference):
     plt = pyplot()
     panels = [(toy_name, "tv") for toy_name in b["toys"]]
-    if "checkerboard" in b["toys"]:
+    if "checkerboard" in b["toys"] and "purrception" in args.objectives:
         panels.append(("checkerboard", "kl"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     colors = dict(zip(vfm.OBJECTIVES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for ax, (toy_name, key) in zip(axes, panels):
-        for method in vfm.OBJECTIVES if key == "tv" else ("purrception",):
+        for method in args.objectives if key == "tv" else ("purrception",):
             by_iter = [[r[key] for r in rows if (r["toy"], r["method"], r["iters"]) == (toy_name, method, it)]
                        for it in b["iters"]]
             mean = [np.mean(v) for v in by_iter]
@@ -192,11 +206,11 @@ def on_codes(args):
     need_scoring(dataset, args)
     reference = reconstruction_reference(codes, b["num_samples"], args)
     rows, runs = [], {}
-    for objective in vfm.OBJECTIVES:
+    for objective in args.objectives:
         run_dir = os.path.join(args.out, "runs", objective)
         argv = ["--codes", codes_dir, "--model", b["model"], "--objective", objective, "--out", run_dir,
                 "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
-                "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--seed", args.seed,
+                "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
                 "--keep-every", b["keep_every"], "--ckpt-every", b["keep_every"], "--log-every", b["keep_every"],
                 "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
         print(f"training {objective}: python train.py {' '.join(map(str, argv))}", flush=True)
@@ -204,28 +218,47 @@ def on_codes(args):
         train.train(train.parse_args([str(a) for a in argv]))
         runs[objective] = dict(train_seconds=round(time.time() - t0, 1), seconds_per_step=seconds_per_step(run_dir))
         for step in range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]):
-            flow = load_flow(os.path.join(run_dir, "checkpoints", f"step-{step:07d}.pt"), vfm.OBJECTIVES,
-                             "convergence")
-            samples, labels, seconds = draw(flow, b["num_samples"], b["steps"], args.seed)
-            rows.append(dict(objective=objective, step=step, sample_seconds=round(seconds, 1),
-                             **score(samples, labels, dataset, args)))
+            rows.append(score_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}.pt"), objective,
+                                         step, b, dataset, args))
             print(f"  {objective:<13} step {step:>6}: accuracy {rows[-1]['accuracy']:.3f}  FID {rows[-1]['fid']:.2f}"
-                  f"  ({seconds:.0f} s sampling)", flush=True)
+                  f"  ({rows[-1]['sample_seconds']:.0f} s sampling)", flush=True)
     table = files.markdown_table(
         ["objective", "training steps", "accuracy", "FID-LeNet", "s/step (train)"],
         [[r["objective"], r["step"], f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
           f"{runs[r['objective']]['seconds_per_step']:.3f}"] for r in rows] +
         [["VQ reconstructions (ceiling)", "-", f"{reference['accuracy']:.3f}", f"{reference['fid']:.2f}", "-"]])
-    note = (f"{b['model']}, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} warm-up steps), EMA decay "
-            f"{b['ema_decay']}, seed {args.seed}; at each checkpoint {b['num_samples']} samples of the EMA weights "
+    note = (f"{b['model']}, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} warm-up steps, then constant), "
+            f"EMA decay {b['ema_decay']} with train.py's --ema-warmup, seed {args.seed}; at each checkpoint {b['num_samples']} samples of the EMA weights "
             f"(labels 0..9 cycled), {b['steps']} Euler steps (DFM: discrete Euler), temperature 1, no guidance; "
             f"codebook scale {args.codebook_scale}.")
-    plot = figure_metrics_vs(rows, "objective", "step", vfm.OBJECTIVES,
+    plot = figure_metrics_vs(rows, "objective", "step", args.objectives,
                              f"{dataset}: quality vs training steps ({b['model']}, batch {b['batch_size']})",
                              "training steps", reference)
     return write_outputs(args, "convergence-" + args.data, table, note,
                          dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir),
                               codebook_scale=args.codebook_scale, runs=runs, reference=reference, rows=rows), start, {"convergence-" + args.data: plot})
+
+
+def score_checkpoint(path, objective, step, b, dataset, args):
+    """The row of one kept checkpoint. Its score is also written beside it (step-N.score.json), so that a study
+    stopped part-way and run again scores only what it had not: the score is reused while the checkpoint file
+    and the scoring settings are the same."""
+    stat = os.stat(path)
+    key = dict(checkpoint_bytes=stat.st_size, checkpoint_mtime=stat.st_mtime, num_samples=b["num_samples"],
+               steps=b["steps"], seed=args.seed, data_dir=os.path.abspath(args.data_dir),
+               classifier=args.classifier and os.path.abspath(args.classifier))
+    cache = path[:-len(".pt")] + ".score.json"
+    if os.path.exists(cache):
+        with open(cache) as f:
+            kept = json.load(f)
+        if kept.get("key") == key:
+            return kept["row"]
+    flow = load_flow(path, vfm.OBJECTIVES, "convergence")
+    samples, labels, seconds = draw(flow, b["num_samples"], b["steps"], args.seed)
+    row = dict(objective=objective, step=step, sample_seconds=round(seconds, 1),
+               **score(samples, labels, dataset, args))
+    files.write_json(cache, dict(key=key, row=row))
+    return row
 
 
 def seconds_per_step(run_dir):

@@ -4,6 +4,7 @@ sample.py and evaluate.py; bad input is one line."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -199,6 +200,38 @@ def test_convergence_on_codes(codes_dir, classifier, tmp_path, monkeypatch):
         if row["step"] == steps[-1]:
             check_row(row, images, ckpt, tmp_path / f"sample-{row['objective']}", classifier,
                       "--num-samples", b["num_samples"], "--steps", b["steps"], "--seed", 0)
+
+
+def test_convergence_on_codes_resumes_with_the_scores_it_has(codes_dir, classifier, tmp_path, monkeypatch):
+    """--objectives runs a subset; a second run reuses the runs and the scores of the first, and a checkpoint
+    that changed is scored again."""
+    argv = ["convergence", "--data", "fashion-mnist", "--codes", str(codes_dir), *scoring(classifier), "--budget",
+            "tiny", "--out", str(tmp_path), "--objectives", "dfm,purrception"]
+    drawn = drawn_by(monkeypatch, convergence)
+    study.main(argv)
+    (_, rows), first = outputs(tmp_path, "convergence-fashion-mnist")
+    b = convergence.IMAGE_BUDGETS["tiny"]
+    steps = list(range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]))
+    assert [(r[0], int(r[1])) for r in rows[:-1]] == [(o, s) for o in ("purrception", "dfm") for s in steps]
+    assert len(drawn) == 2 * len(steps)
+    assert not (tmp_path / "runs" / "cfm").exists()
+
+    drawn.clear()
+    study.main(argv + ["--force"])
+    assert drawn == [] and outputs(tmp_path, "convergence-fashion-mnist")[1]["rows"] == first["rows"]
+
+    changed = tmp_path / "runs" / "dfm" / "checkpoints" / f"step-{steps[0]:07d}.pt"
+    changed.write_bytes(changed.read_bytes())  # the same weights, written again: a new file
+    os.utime(changed, (1, 1))
+    study.main(argv + ["--force"])
+    assert len(drawn) == 1
+
+
+@pytest.mark.parametrize("spec", ["cfm,nope", ","])
+def test_convergence_objectives_must_be_known(spec, tmp_path, capsys):
+    line = one_line_error(capsys, study.main, ["convergence", "--data", "toy", "--budget", "tiny", "--out",
+                                               str(tmp_path), "--objectives", spec])
+    assert "expected a comma-separated list of purrception, cfm, cfm-endpoint, dfm" in line
 
 
 def test_temperature(flow_ckpts, classifier, tmp_path, monkeypatch):
