@@ -134,6 +134,8 @@ def load_mnist(dataset, data_dir, split="train", download=False):
 #   CODES/codebook.npy       float32 (K, d), the codebook as the tokenizer uses it
 #   CODES/codes-00000.npy    uint16 (n, V, h, w): V = 1, or 2 when the horizontal flip is stored as a 2nd view
 #   CODES/labels-00000.npy   int64 (n,)
+#   CODES/noise-00000.npy    float32 (n, h, w, d), only in a coupling set (meta "noise": true): the noise z0
+#                            from which a teacher's sampler reached each grid (`sample.py --couplings`)
 # Shards are written to a temporary name and renamed, and meta.json is written last, so an interrupted encode
 # never leaves a shard or a code set that looks complete. uint16 holds K <= 65,536 codes: 2 KB per 32x32 grid.
 
@@ -145,16 +147,25 @@ def shard_paths(code_dir, index):
     return (os.path.join(code_dir, f"codes-{index:05d}.npy"), os.path.join(code_dir, f"labels-{index:05d}.npy"))
 
 
-def write_shard(code_dir, index, codes, labels):
-    """Write shard `index`: codes (n, V, h, w) integer, labels (n,) integer."""
+def noise_path(code_dir, index):
+    return os.path.join(code_dir, f"noise-{index:05d}.npy")
+
+
+def write_shard(code_dir, index, codes, labels, noise=None):
+    """Write shard `index`: codes (n, V, h, w) integer, labels (n,) integer and, for a coupling set, noise
+    (n, h, w, d) float."""
     codes, labels = np.asarray(codes), np.asarray(labels)
     if codes.ndim != 4 or labels.shape != (len(codes),):
         raise ValueError(f"shard wants codes (n, V, h, w) and labels (n,), got {codes.shape} and {labels.shape}")
+    if noise is not None and (np.ndim(noise) != 4 or np.shape(noise)[:3] != (len(codes), *codes.shape[2:])):
+        raise ValueError(f"shard wants noise (n, h, w, d) for codes {codes.shape}, got {np.shape(noise)}")
     if codes.size and (codes.min() < 0 or codes.max() > 65535):
         raise ValueError("code indices must lie in [0, 65535] to be stored as uint16")
     os.makedirs(code_dir, exist_ok=True)
     codes_path, labels_path = shard_paths(code_dir, index)
     files.save_npy(labels_path, labels.astype(np.int64))
+    if noise is not None:
+        files.save_npy(noise_path(code_dir, index), np.asarray(noise, dtype=np.float32))
     files.save_npy(codes_path, codes.astype(np.uint16))  # the codes file last: its presence marks the shard done
 
 
@@ -221,7 +232,10 @@ class CodeSet:
         if self.codebook.shape != (self.num_codes, self.meta["code_dim"]):
             raise ValueError(f"{code_dir}/codebook.npy: shape {self.codebook.shape}; meta.json says "
                              f"{(self.num_codes, self.meta['code_dim'])}")
-        self.codes, self.labels = [], []
+        self.codes, self.labels, self.noise = [], [], []
+        self.has_noise = self.meta.get("noise") is True
+        if self.has_noise and self.views != 1:
+            raise ValueError(f"{meta_path}: a coupling set holds one view, not {self.views}")
         for i, n in enumerate(self.meta["shard_sizes"]):
             codes_path, labels_path = shard_paths(code_dir, i)
             codes, labels = _load_npy(codes_path, expected), _load_npy(labels_path, expected)
@@ -232,6 +246,13 @@ class CodeSet:
                 raise ValueError(f"{labels_path}: expected {n} integer labels, got {labels.dtype} {labels.shape}")
             self.codes.append(codes)
             self.labels.append(labels)
+            if self.has_noise:
+                noise = _load_npy(noise_path(code_dir, i), "a coupling set written by `python sample.py --couplings`")
+                if noise.shape != (n, *self.grid, self.meta["code_dim"]) or noise.dtype != np.float32:
+                    raise ValueError(f"{noise_path(code_dir, i)}: expected {n} float32 noise grids "
+                                     f"{(n, *self.grid, self.meta['code_dim'])} (n, h, w, d), got {noise.dtype} "
+                                     f"{noise.shape}")
+                self.noise.append(noise)
         self.offsets = np.cumsum([0] + self.meta["shard_sizes"])
 
     num_codes = property(lambda self: self.meta["num_codes"])
@@ -264,6 +285,16 @@ class CodeSet:
                                  f"{labels[rows].max()}], outside the {self.num_classes} classes of meta.json")
         return codes, labels
 
+    def get_noise(self, indices):
+        """The noise (B, h, w, d) float32 of a coupling set's grids at global indices."""
+        indices = np.asarray(indices)
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        noise = np.empty((len(indices), *self.grid, self.meta["code_dim"]), dtype=np.float32)
+        for s in np.unique(shard):
+            rows = np.nonzero(shard == s)[0]
+            noise[rows] = self.noise[s][indices[rows] - self.offsets[s]]
+        return noise
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Batches for training: each rank's share of every epoch, resumable at any step
@@ -278,7 +309,7 @@ class _Indexable:
 
 
 class Batches:
-    """This rank's batches of (codes, labels), epoch after epoch; state() and load_state() make it resumable.
+    """This rank's batches of (codes, labels, noise), epoch after epoch; state() and load_state() make it resumable.
 
     Each epoch is a fresh permutation shared by all ranks (DistributedSampler, seeded, set_epoch), of which every
     rank reads its own slice; when the codes hold several views (a horizontal flip), each draw picks one at
@@ -302,13 +333,15 @@ class Batches:
         self.views = rng.integers(0, self.codes.views, len(self.indices))
 
     def next(self):
+        """(codes (B, h, w), labels (B,), noise (B, h, w, d) of a coupling set or None)."""
         if self.cursor + self.batch_size > len(self.indices):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._load_epoch()
         s = slice(self.cursor, self.cursor + self.batch_size)
         self.cursor += self.batch_size
         codes, labels = self.codes.get(self.indices[s], self.views[s])
-        return torch.from_numpy(codes), torch.from_numpy(labels)
+        noise = torch.from_numpy(self.codes.get_noise(self.indices[s])) if self.codes.has_noise else None
+        return torch.from_numpy(codes), torch.from_numpy(labels), noise
 
     def state(self):
         return dict(epoch=self.epoch, cursor=self.cursor)

@@ -81,13 +81,18 @@ def preview_labels(num_classes, per_class, max_classes=10):
 
 @torch.no_grad()
 def generate(model, objective, tokenizer, labels, grid, seed, steps=100, solver="euler", temperature=1.0,
-             cfg_scale=1.0, device="cpu"):
-    """Images uint8 (B, H, W, C) for labels (B,); the noise comes from a generator seeded with `seed`."""
+             cfg_scale=1.0, cfg_interval=(0.0, 1.0), device="cpu", couplings=False):
+    """Images uint8 (B, H, W, C) for labels (B,); the noise comes from a generator seeded with `seed`.
+    couplings=True: (images, codes (B, *S), noise z0 (B, *S, d)), the same images with the grids they decode and
+    the noise the sampler started from (a continuous flow only)."""
     g = torch.Generator(device).manual_seed(seed)
     y = torch.as_tensor(labels, device=device) if objective.num_classes else None
+    z0 = objective.noise((len(labels), *grid), g) if couplings else None  # what sample() would draw first
     codes = objective.sample(model, (len(labels), *grid), y=y, steps=steps, solver=solver,
-                             temperature=temperature, cfg_scale=cfg_scale, generator=g)
-    return images.to_uint8(tokenizer.decode(codes))
+                             temperature=temperature, cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=g,
+                             z0=z0)
+    pictures = images.to_uint8(tokenizer.decode(codes))
+    return (pictures, codes, z0) if couplings else pictures
 
 
 class Flow:

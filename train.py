@@ -11,6 +11,10 @@ the logged loss is all-reduced. Checkpoints (flows.py says what they hold) are w
 mid-write leaves the previous one intact. `--resume` continues exactly where the last checkpoint left off: a
 run of --steps 2N stopped at step N and resumed with the same flags gives the same weights as one run of 2N
 steps (the learning-rate schedule, and so --lr-final's decay, depends on --steps).
+
+A reflow student: --codes a coupling set of `sample.py --couplings` (grids with the noise z0 the teacher's
+sampler started from) trains the same objective on those fixed pairs instead of fresh noise, so that the path
+from each z0 is straight and one Euler step lands on its grid; --init starts it from the teacher's EMA weights.
 """
 
 import contextlib
@@ -108,17 +112,17 @@ def update_ema(ema, model, decay):
 
 def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr, grad_clip, ema_decay,
                loss_by_t=None, step=0):
-    """One optimizer step over the micro-batches [(codes, labels or None), ...]: forward and backward each,
+    """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and backward each,
     clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping.
 
     model is what runs (compiled and/or DDP-wrapped), raw_model the module under it (what the EMA follows)."""
     for group in opt.param_groups:
         group["lr"] = lr
-    for i, (codes, labels) in enumerate(micro_batches):
+    for i, (codes, labels, z0) in enumerate(micro_batches):
         # DDP all-reduces the gradients in every backward; the micro-batches before the last only accumulate.
         last = i == len(micro_batches) - 1
         with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), autocast:
-            loss, per_sample, t = objective.loss(model, codes, labels)
+            loss, per_sample, t = objective.loss(model, codes, labels, z0=z0)
         # fp16 gradients underflow: the GradScaler multiplies the loss before backward and divides the gradients
         # after. It is disabled (a pass-through) in fp32 and bf16.
         scaler.scale(loss / len(micro_batches)).backward()
@@ -161,6 +165,38 @@ def checked_resume(args, codes, ckpt_path, rank):
             raise UserError(f"{ckpt_path}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
                             f"{getattr(args, key)}")
     return ckpt
+
+
+def check_couplings(args, codes):
+    """A coupling set (codes with the noise each was drawn from) fits only the objective and codebook scale of
+    the teacher that drew it."""
+    if not codes.has_noise:
+        return
+    teacher = codes.meta.get("teacher", {})
+    if args.objective == "dfm":
+        raise UserError(f"{args.codes}: a coupling set of noise and codes; DFM starts from masks, not noise")
+    if teacher.get("codebook_scale") != args.codebook_scale:
+        raise UserError(f"{args.codes}: couplings of a teacher on the {teacher.get('codebook_scale')} codebook, not "
+                        f"--codebook-scale {args.codebook_scale}")
+
+
+def initial_weights(args, codes, model):
+    """The EMA weights of --init (a reflow student starts from its teacher), checked against this run."""
+    with user_errors():
+        ckpt = flows.load_checkpoint(args.init)
+    teacher = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]))
+    for key in ("model", "objective", "codebook_scale"):
+        if teacher[key] != getattr(args, key):
+            raise UserError(f"--init {args.init}: trained with --{key.replace('_', '-')} {teacher[key]}, not "
+                            f"{getattr(args, key)}")
+    for key, what in (("grid", "code grid"), ("num_classes", "number of classes")):
+        if ckpt["codes_meta"][key] != codes.meta[key]:
+            raise UserError(f"--init {args.init}: trained on codes with {what} {ckpt['codes_meta'][key]}, but "
+                            f"{args.codes} has {codes.meta[key]}")
+    with user_errors():
+        tokenizers.check_codebook(codes.codebook, ckpt["codebook"], args.init)
+        flows.check_weights(args.init, ckpt["ema"], model, ckpt["args"])
+    return ckpt["ema"]
 
 
 def drop_log_after(path, step):
@@ -297,6 +333,7 @@ def _train(args, rank, world, device):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by world size {world} x "
                         f"--grad-accum {args.grad_accum}")
     local_batch = args.batch_size // (world * args.grad_accum)
+    check_couplings(args, codes)
     ckpt_path = os.path.join(args.out, "checkpoints", "last.pt")
     ckpt = checked_resume(args, codes, ckpt_path, rank)
 
@@ -308,6 +345,8 @@ def _train(args, rank, world, device):
                                            args.p_uncond, args.z_loss, args.codebook_scale)
         if ckpt is not None:
             flows.check_weights(ckpt_path, ckpt["model"], raw_model, ckpt["args"])
+    if ckpt is None and args.init:
+        raw_model.load_state_dict(initial_weights(args, codes, raw_model))
     raw_model.to(device)
     objective.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # synced once (decay 0), then updated every step
@@ -348,8 +387,9 @@ def _train(args, rank, world, device):
             lr = learning_rate(step, args.steps, args.lr, args.warmup_steps, final=args.lr_final)
             ema_decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
             with user_errors():  # codes out of range in a shard are met as they are read
-                micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None)
-                                 for c, y in (batches.next() for _ in range(args.grad_accum))]
+                micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None,
+                                  None if z0 is None else z0.to(device, non_blocking=True))
+                                 for c, y, z0 in (batches.next() for _ in range(args.grad_accum))]
             grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
                                    args.grad_clip, ema_decay, loss_by_t, step)
             step += 1
@@ -407,7 +447,10 @@ def describe_run(args, model, codes, world, device, precision, local_batch, step
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train a flow (Purrception or a baseline) over VQ code grids.")
-    p.add_argument("--codes", required=True, help="a code set written by `python vq.py encode`")
+    p.add_argument("--codes", required=True, help="a code set written by `python vq.py encode`, or a coupling set "
+                   "of `python sample.py --couplings` (a reflow student trains on its fixed noise)")
+    p.add_argument("--init", help="start from the EMA weights of this train.py checkpoint (a reflow student from "
+                   "its teacher); the optimizer and the step start afresh")
     p.add_argument("--model", default="DiT-T/1", choices=list(DiT_models))
     p.add_argument("--objective", default="purrception", choices=list(vfm.OBJECTIVES))
     p.add_argument("--out", required=True, help="run directory: checkpoints/, samples/, log.jsonl")

@@ -23,6 +23,9 @@ Conventions, stated once and used by every file in this repo
 * Classifier-free guidance: out = uncond + s * (cond - uncond). s = 1 is the conditional model (guidance off),
   s = 0 the unconditional one. It acts on the logits for Purrception and DFM (before the temperature), on the
   velocity for CFM and on the predicted endpoint for CFM-endpoint.
+  A guidance interval [lo, hi] (Kynkäänniemi et al. 2024, arXiv 2404.07724) applies it only at the network
+  evaluations with lo <= t <= hi; the others make one conditional pass. [0, 1], the default, is guidance
+  everywhere.
 * Sampling steps: `steps` is the number of intervals of the uniform grid 0 = t_0 < ... < t_steps = 1.
 
 Purrception in the paper's notation
@@ -123,6 +126,23 @@ def parse_temperature(spec):
     return lambda t: tau0 + (tau1 - tau0) * t
 
 
+def parse_cfg_interval(spec):
+    """'LO:HI' (or a pair) -> (lo, hi) with 0 <= lo <= hi <= 1: the times at which guidance acts."""
+    try:
+        lo, hi = (float(v) for v in (spec.split(":") if isinstance(spec, str) else spec))
+    except (ValueError, TypeError):
+        lo = hi = math.nan
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"bad guidance interval '{spec}': expected LO:HI with 0 <= LO <= HI <= 1")
+    return lo, hi
+
+
+def guidance_at(t, cfg_scale, cfg_interval=(0.0, 1.0)):
+    """The guidance scale of an evaluation at time t: cfg_scale inside the interval, 1 (no guidance) outside."""
+    lo, hi = cfg_interval
+    return cfg_scale if lo <= t <= hi else 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ODE solvers over the grid t_0 = 0 < ... < t_steps = 1
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +177,27 @@ def solve_ode(velocity, z, steps, solver="euler"):
 def num_evaluations(steps, solver):
     """Network evaluations per sample (NFE) of solve_ode."""
     return {"euler": steps, "midpoint": 2 * steps, "heun": 2 * steps - 1}[solver]
+
+
+def evaluation_times(steps, solver):
+    """The times t at which solve_ode (and DFM's sampler, as "euler") evaluates the network, in order."""
+    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+    times = []
+    for i in range(steps):
+        times.append(ts[i])
+        if solver == "midpoint":
+            times.append(ts[i] + 0.5 * (ts[i + 1] - ts[i]))
+        elif solver == "heun" and i < steps - 1:
+            times.append(ts[i + 1])
+    return times
+
+
+def guided_evaluations(steps, solver, cfg_scale, cfg_interval=(0.0, 1.0), guidable=True):
+    """Network passes per sample: two at each evaluation where guidance acts (cfg_scale not 0 or 1 and t in the
+    interval), one elsewhere. guidable=False (a model without classes): one everywhere."""
+    on = guidable and cfg_scale not in (0, 1)
+    return sum(2 if on and guidance_at(t, cfg_scale, cfg_interval) != 1 else 1
+               for t in evaluation_times(steps, solver))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,14 +238,17 @@ class Objective:
         """Keyword arguments that size the network: in_dim, out_dim, input_vocab."""
         raise NotImplementedError
 
-    def loss(self, model, codes, y=None, generator=None):
-        """Returns (scalar loss, per-sample loss (B,), t (B,)): the last two for loss-by-t logging."""
+    def loss(self, model, codes, y=None, generator=None, z0=None):
+        """Returns (scalar loss, per-sample loss (B,), t (B,)): the last two for loss-by-t logging. z0 (B, *S, d):
+        the source noise of each sample, where it is fixed (a reflow student's couplings); fresh otherwise."""
         raise NotImplementedError
 
     @torch.no_grad()
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
-               generator=None, callback=None):
-        """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation."""
+               generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
+        """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation; guidance acts
+        at the evaluations with t in cfg_interval; z0 (B, *S, d): the noise to start from (drawn from generator
+        otherwise, as noise() draws it)."""
         raise NotImplementedError
 
     def to(self, device):
@@ -248,9 +292,14 @@ class Purrception(Objective):
     def model_io(self):
         return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
 
-    def loss(self, model, codes, y=None, generator=None):
+    def noise(self, shape, generator=None):
+        """z0 ~ N(0, I) of shape (B, *S, d): the source of the flow."""
+        return torch.randn(*shape, self.code_dim, device=self.codebook.device, generator=generator)
+
+    def loss(self, model, codes, y=None, generator=None, z0=None):
         z1 = self.embed(codes)  # (B, *S, d)
-        z0 = torch.randn(z1.shape, device=z1.device, generator=generator)  # (B, *S, d)
+        if z0 is None:
+            z0 = torch.randn(z1.shape, device=z1.device, generator=generator)  # (B, *S, d)
         t = self._draw_t(codes, generator)  # (B,)
         zt = interpolate(z0, z1, t)  # (B, *S, d)
         y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
@@ -274,13 +323,12 @@ class Purrception(Objective):
 
     @torch.no_grad()
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
-               generator=None, callback=None):
-        device = self.codebook.device
+               generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
         tau = parse_temperature(temperature)
-        z = torch.randn(*shape, self.code_dim, device=device, generator=generator)  # (B, *S, d): z0 ~ N(0, I)
+        z = self.noise(shape, generator) if z0 is None else z0  # (B, *S, d): z0 ~ N(0, I)
 
         def u(z, t):
-            out = self.guided(model, z, t, y, cfg_scale)  # (B, *S, out_dim)
+            out = self.guided(model, z, t, y, guidance_at(t, cfg_scale, cfg_interval))  # (B, *S, out_dim)
             if callback is not None:
                 callback(t, z, out)
             return self.velocity(out, z, t, tau(t))  # (B, *S, d)
@@ -342,7 +390,9 @@ class DFM(Objective):
     def model_io(self):
         return dict(in_dim=None, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
 
-    def loss(self, model, codes, y=None, generator=None):
+    def loss(self, model, codes, y=None, generator=None, z0=None):
+        if z0 is not None:
+            raise ValueError("DFM starts from the all-mask source: it has no noise to fix")
         B = codes.shape[0]
         t = self._draw_t(codes, generator)  # (B,)
         kappa = t.view(-1, *[1] * (codes.dim() - 1))  # (B, 1, ...)
@@ -354,7 +404,9 @@ class DFM(Objective):
 
     @torch.no_grad()
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
-               generator=None, callback=None):
+               generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
+        if z0 is not None:
+            raise ValueError("DFM starts from the all-mask source: it has no noise to fix")
         if solver != "euler":
             raise ValueError(f"DFM samples with its discrete Euler step only, not '{solver}'")
         if steps < 1:
@@ -365,7 +417,7 @@ class DFM(Objective):
         ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         for i in range(steps):
             t, h = ts[i], ts[i + 1] - ts[i]
-            logits = self.guided(model, x, t, y, cfg_scale)  # (B, *S, K)
+            logits = self.guided(model, x, t, y, guidance_at(t, cfg_scale, cfg_interval))  # (B, *S, K)
             if callback is not None:
                 callback(t, x, logits)
             reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)  # (B, *S)

@@ -57,6 +57,17 @@ def flow_ckpts(codes_dir, tmp_path_factory):
     return ckpts
 
 
+@pytest.fixture(scope="session")
+def couplings_dir(flow_ckpts, tmp_path_factory):
+    """`sample.py --couplings` from the Purrception checkpoint: 40 grids in batches of 16, guided, each with the
+    noise it started from."""
+    import sample
+    out = tmp_path_factory.mktemp("couplings")
+    sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "40", "--steps", "3", "--batch-size", "16",
+                 "--cfg-scale", "2", "--seed", "4", "--couplings", "--out", str(out)])
+    return out
+
+
 def fill_the_disk(monkeypatch, at=""):
     """From now on files.atomic_write behaves as on a disk that fills up mid-write, for every path containing `at`:
     it writes the content, then fails with ENOSPC."""

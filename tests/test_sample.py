@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import flows
+import images
 import sample
 import train
 import vfm
 from conftest import FASHION_MNIST, fill_the_disk, run_cli
+from data import CodeSet
 
 
 def load(out):
@@ -170,3 +172,56 @@ def test_a_dfm_checkpoint_with_the_earlier_token_embedding_is_one_clear_line(flo
     rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "old-dfm.pt", "--out", tmp_path / "s")
     assert rc == 2 and "old-dfm.pt: its weights do not fit DiT-T/1 for dfm (a DFM checkpoint from before" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cfg_interval_guides_only_inside_and_counts_the_passes(flow_ckpts, tmp_path):
+    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "20", "--steps", "4", "--cfg-scale", "2"]
+    runs = {"plain": [], "everywhere": ["--cfg-interval", "0:1"], "window": ["--cfg-interval", "0.25:0.5"],
+            "unguided": ["--cfg-scale", "1"]}
+    out = {}
+    for name, extra in runs.items():
+        sample.main(base + extra + ["--out", str(tmp_path / name)])
+        out[name] = load(tmp_path / name)
+    settings = {name: json.loads(str(npz["settings"])) for name, npz in out.items()}
+    assert np.array_equal(out["plain"]["arr_0"], out["everywhere"]["arr_0"])
+    assert not np.array_equal(out["window"]["arr_0"], out["plain"]["arr_0"])
+    assert not np.array_equal(out["window"]["arr_0"], out["unguided"]["arr_0"])
+    # Euler at t = 0, 0.25, 0.5, 0.75: two passes at 0.25 and 0.5, one at the others
+    assert (settings["plain"]["nfe"], settings["window"]["nfe"], settings["unguided"]["nfe"]) == (8, 6, 4)
+    assert settings["window"]["cfg_interval"] == [0.25, 0.5] and settings["plain"]["cfg_interval"] == [0.0, 1.0]
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--cfg-interval", "0.6:0.2", "--out",
+                         tmp_path / "bad")
+    assert rc == 2 and "bad guidance interval '0.6:0.2'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_couplings_are_the_noise_each_sample_started_from_and_the_codes_it_reached(flow_ckpts, couplings_dir):
+    pairs = CodeSet(str(couplings_dir / "couplings"))
+    flow = flows.Flow(str(flow_ckpts["purrception"]))
+    npz = load(couplings_dir)
+    assert pairs.has_noise and len(pairs) == 40 and pairs.meta["teacher"]["cfg_scale"] == 2.0
+    assert pairs.meta["teacher"]["codebook_scale"] == "rms" and pairs.meta["tokenizer"] == flow.meta["tokenizer"]
+    codes, labels = pairs.get(np.arange(40))
+    noise = pairs.get_noise(np.arange(40))
+    assert np.array_equal(labels, npz["labels"])
+    assert np.array_equal(npz["arr_0"], images.to_uint8(flow.tokenizer.decode(torch.from_numpy(codes))))
+    for b, (lo, hi) in enumerate([(0, 16), (16, 32), (32, 40)]):  # each batch's noise, drawn as sample.py draws it
+        g = torch.Generator().manual_seed(flows.batch_seed(4, b))
+        z0 = flow.objective.noise((hi - lo, *flow.grid), g)
+        assert np.array_equal(noise[lo:hi], z0.numpy())
+        reached = flow.objective.sample(flow.model, (hi - lo, *flow.grid), y=torch.from_numpy(labels[lo:hi]), steps=3,
+                                        cfg_scale=2.0, z0=z0)
+        assert np.array_equal(codes[lo:hi], reached.numpy())
+    assert len(np.unique(noise.reshape(40, -1), axis=0)) == 40
+
+
+def test_couplings_of_dfm_and_over_earlier_ones_are_one_line(flow_ckpts, couplings_dir, tmp_path):
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["dfm"], "--couplings", "--num-samples", 2, "--steps", 1,
+                         "--out", tmp_path / "d")
+    assert rc == 2 and "has no couplings to write" in err and len(err.strip().splitlines()) == 1
+    shutil.copytree(couplings_dir / "couplings", tmp_path / "c" / "couplings")
+    rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--couplings", "--num-samples", 2,
+                         "--steps", 1, "--out", tmp_path / "c")
+    assert rc == 2 and "couplings exists: pass --force" in err and len(err.strip().splitlines()) == 1
+    sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--couplings", "--num-samples", "2", "--steps", "1",
+                 "--out", str(tmp_path / "c"), "--force"])
+    assert len(CodeSet(str(tmp_path / "c" / "couplings"))) == 2 and not (tmp_path / "c" / ".couplings.tmp").exists()

@@ -348,3 +348,50 @@ def test_lr_final_decays_the_rate_along_the_schedule_and_ema_warmup_follows_the_
         assert torch.equal(w, plain["model"][key])  # the same step; only the EMA differs
         init = (plain["ema"][key].double() - 1e-4 * w.double()) / 0.9999
         assert torch.allclose(warm["ema"][key].double(), init + (w.double() - init) * (1 - 1 / 10), atol=1e-6), key
+
+
+def test_a_student_on_couplings_trains_on_their_noise_from_its_teachers_weights(flow_ckpts, couplings_dir, tmp_path,
+                                                                               monkeypatch):
+    import vfm
+    from data import CodeSet
+    pairs = CodeSet(str(couplings_dir / "couplings"))
+    codes, labels = pairs.get(np.arange(len(pairs)))
+    noise = pairs.get_noise(np.arange(len(pairs)))
+    seen, loss = [], vfm.Purrception.loss
+
+    def recording(self, model, c, y=None, generator=None, z0=None):
+        seen.append((c, y, z0))
+        return loss(self, model, c, y, generator, z0=z0)
+
+    monkeypatch.setattr(vfm.Purrception, "loss", recording)
+    student = ["--codes", str(couplings_dir / "couplings"), "--init", str(flow_ckpts["purrception"]),
+               "--codebook-scale", "rms", *SMALL]
+    train.main(student + ["--out", str(tmp_path / "s"), "--steps", "3"])
+    assert len(seen) == 3
+    for c, y, z0 in seen:  # every row is one coupling: its noise, its codes, its label
+        for row in range(len(c)):
+            i = int(np.nonzero((noise == z0[row].numpy()).all(axis=(1, 2, 3)))[0][0])
+            assert np.array_equal(c[row].numpy(), codes[i]) and y[row].item() == labels[i]
+
+    # --init starts from the teacher's EMA weights (one step at a negligible rate leaves them where they were)
+    teacher = weights(os.path.dirname(os.path.dirname(flow_ckpts["purrception"])))["ema"]
+    train.main(student + ["--out", str(tmp_path / "init"), "--steps", "1", "--lr", "1e-12"])
+    train.main(student[:2] + student[4:] + ["--out", str(tmp_path / "fresh"), "--steps", "1", "--lr", "1e-12"])
+    for run, close in (("init", True), ("fresh", False)):
+        state = weights(tmp_path / run)["model"]
+        assert all(torch.allclose(state[k], teacher[k], atol=1e-6) for k in teacher) == close, run
+    assert weights(tmp_path / "init")["args"]["init"] == str(flow_ckpts["purrception"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--objective", "dfm"], "DFM starts from masks, not noise"),
+    ([], "couplings of a teacher on the rms codebook, not --codebook-scale raw"),
+    (["--codebook-scale", "rms", "--init", "{dfm}"], "trained with --objective dfm, not purrception"),
+    (["--codebook-scale", "rms", "--init", "{missing}"], "missing.pt: no such file"),
+])
+def test_couplings_and_init_that_do_not_fit_are_one_line(flow_ckpts, couplings_dir, tmp_path, extra, message):
+    extra = [a.format(dfm=flow_ckpts["dfm"], missing=tmp_path / "missing.pt") for a in extra]
+    rc, _, err = run_cli("train.py", "--codes", couplings_dir / "couplings", *SMALL, "--steps", 1,
+                         "--out", tmp_path / "run", *extra)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

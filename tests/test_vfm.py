@@ -208,6 +208,85 @@ def test_guidance_scales():
     assert torch.equal(obj.guided(model, x, 0.5, None, 4.0), torch.full((2, 4, 5), uncond))
 
 
+class Passes(torch.nn.Module):
+    """A small model with labels whose output depends on x, t and y; it records (t, batch) of every pass."""
+
+    def __init__(self, out_dim, input_vocab=None, num_classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(input_vocab, 2) if input_vocab else None
+        self.net = torch.nn.Linear(2 + 1 + num_classes + 1, out_dim)
+        self.num_classes, self.passes = num_classes, []
+
+    def forward(self, x, t, y):
+        self.passes.append((round(float(t[0]), 6), x.shape[0]))
+        x = self.embed(x) if self.embed is not None else x  # (B, N, 2)
+        extra = torch.cat([t[:, None], torch.nn.functional.one_hot(y, self.num_classes + 1).float()], 1)
+        return self.net(torch.cat([x, extra[:, None].expand(-1, x.shape[1], -1)], -1)) * 3
+
+
+@pytest.mark.parametrize("solver", vfm.SOLVERS)
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_evaluation_times_are_where_solve_ode_evaluates(solver, steps):
+    seen = []
+    vfm.solve_ode(lambda z, t: seen.append(t) or torch.zeros_like(z), torch.zeros(1), steps, solver)
+    assert vfm.evaluation_times(steps, solver) == seen and len(seen) == vfm.num_evaluations(steps, solver)
+
+
+@pytest.mark.parametrize("name,solver", [("purrception", "midpoint"), ("purrception", "heun"), ("cfm", "euler"),
+                                         ("dfm", "euler")])
+def test_guidance_interval_guides_inside_and_makes_one_pass_outside(name, solver):
+    B, steps, window = 4, 4, (0.25, 0.5)  # both ends are evaluation times: the window holds them
+    obj = vfm.build_objective(name, torch.randn(5, 2), 3)
+    model = Passes(**{k: v for k, v in obj.model_io().items() if k != "in_dim"})
+    y = torch.tensor([0, 1, 2, 0])
+
+    def draw(**kw):
+        model.passes.clear()
+        codes = obj.sample(model, (B, 3), y=y, steps=steps, solver=solver, generator=torch.Generator().manual_seed(1),
+                           **kw)
+        return codes, list(model.passes)
+
+    plain, plain_passes = draw(cfg_scale=2.5)
+    everywhere, passes = draw(cfg_scale=2.5, cfg_interval=(0.0, 1.0))
+    assert torch.equal(everywhere, plain) and passes == plain_passes  # [0, 1] is plain guidance, exactly
+    assert all(n == 2 * B for _, n in passes)
+    windowed, passes = draw(cfg_scale=2.5, cfg_interval=window)
+    times = vfm.evaluation_times(steps, solver)
+    assert [t for t, _ in passes] == [round(t, 6) for t in times]
+    assert [n for _, n in passes] == [2 * B if window[0] <= t <= window[1] else B for t in times]
+    assert 0 < sum(n == B for _, n in passes) < len(times)  # both kinds of evaluation happen here
+    assert sum(n // B for _, n in passes) == vfm.guided_evaluations(steps, solver, 2.5, window)
+    assert not torch.equal(windowed, plain)
+    unguided, _ = draw(cfg_scale=1.0)
+    none_inside, passes = draw(cfg_scale=2.5, cfg_interval=(0.95, 0.99))  # no evaluation falls in it
+    assert torch.equal(none_inside, unguided) and all(n == B for _, n in passes)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "0.7:0.3", "-0.1:0.5", "0:1.5", "a:b", "0:nan"])
+def test_bad_guidance_intervals_raise(spec):
+    with pytest.raises(ValueError, match="expected LO:HI with 0 <= LO <= HI <= 1"):
+        vfm.parse_cfg_interval(spec)
+    assert vfm.parse_cfg_interval("0.25:0.75") == (0.25, 0.75) and vfm.parse_cfg_interval("0:1") == (0.0, 1.0)
+
+
+def test_given_noise_is_where_the_sampler_starts_and_what_the_loss_uses():
+    obj = vfm.Purrception(torch.randn(5, 2), p_uncond=0.0)
+    model = Passes(5, num_classes=0)
+    z0 = obj.noise((3, 4), torch.Generator().manual_seed(7))
+    drawn = obj.sample(model, (3, 4), steps=3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(obj.sample(model, (3, 4), steps=3, z0=z0), drawn)  # noise() draws what sample() draws
+    starts = []
+    obj.sample(model, (3, 4), steps=3, z0=-z0, callback=lambda t, z, out: starts.append(z) if t == 0 else None)
+    assert torch.equal(starts[0], -z0)
+    codes, seen = torch.randint(0, 5, (3, 4)), []
+    g = torch.Generator().manual_seed(0)
+    _, _, t = obj.loss(lambda x, t, y: seen.append(x) or torch.zeros(3, 4, 5), codes, generator=g, z0=z0)
+    assert torch.allclose(seen[0], vfm.interpolate(z0, obj.embed(codes), t))
+    with pytest.raises(ValueError, match="no noise to fix"):
+        vfm.DFM(torch.randn(5, 2)).loss(model, codes, z0=z0)
+
+
 # ---- the losses -------------------------------------------------------------------------------------------
 
 class Fixed(torch.nn.Module):

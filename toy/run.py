@@ -15,6 +15,7 @@ earlier run there are replaced only with --force.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -66,18 +67,25 @@ class ToyMLP(nn.Module):
 # Train, sample, measure
 # ----------------------------------------------------------------------------------------------------------
 
-def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, on_step=None):
+def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, on_step=None, init=None,
+          couplings=None):
     """Train a ToyMLP for `iters` steps; on_step(step, model), if given, runs after each optimizer step
-    (step counts the steps done, 1 to iters), e.g. to score the model along the way."""
+    (step counts the steps done, 1 to iters), e.g. to score the model along the way. init: a ToyMLP to start
+    from (a copy is trained). couplings: (codes (M, N), noise (M, N, d)), fixed pairs to train on instead of
+    fresh samples and fresh noise (a reflow student)."""
     torch.manual_seed(seed)
-    model = ToyMLP(toy.num_tokens, **objective.model_io())
+    model = ToyMLP(toy.num_tokens, **objective.model_io()) if init is None else copy.deepcopy(init).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for step in range(iters):
         # a linear warm-up over the first 5%, and a cosine decay to zero over the whole run
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, iters, lr, warmup=max(1, iters // 20), final=0.0, decay_start=0)
-        loss, _, _ = objective.loss(model, toy.sample(batch_size, g), generator=g)
+        if couplings is None:
+            loss, _, _ = objective.loss(model, toy.sample(batch_size, g), generator=g)
+        else:
+            i = torch.randint(len(couplings[0]), (batch_size,), generator=g)
+            loss, _, _ = objective.loss(model, couplings[0][i], generator=g, z0=couplings[1][i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,12 +96,16 @@ def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, o
     return model.eval()
 
 
-def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperature=1.0, callback=None):
+def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperature=1.0, callback=None,
+           couplings=False):
+    """n samples (n, N) of code indices; couplings=True: (codes, the noise z0 (n, N, d) each started from)."""
     g = torch.Generator().manual_seed(seed + 1)
     if objective.name == "dfm":
         solver = "euler"
-    return objective.sample(model, (n, toy.num_tokens), steps=steps, solver=solver, temperature=temperature,
-                            generator=g, callback=callback)
+    z0 = objective.noise((n, toy.num_tokens), g) if couplings else None
+    codes = objective.sample(model, (n, toy.num_tokens), steps=steps, solver=solver, temperature=temperature,
+                             generator=g, callback=callback, z0=z0)
+    return (codes, z0) if couplings else codes
 
 
 @torch.no_grad()
