@@ -151,12 +151,12 @@ def load_flow(path, objectives, role):
     return flow
 
 
-def draw(flow, n, steps, seed, solver="euler", temperature="1.0", cfg_scale=1.0):
+def draw(flow, n, steps, seed, solver="euler", temperature="1.0", cfg_scale=1.0, cfg_interval=(0.0, 1.0)):
     """(images uint8 (n, H, W, C), labels (n,), seconds): the n samples `python sample.py --seed SEED` draws
     (labels 0, 1, ..., 9, 0, ... and batches of 250, batch b seeded with flows.batch_seed(SEED, b))."""
     start = time.time()
     images, labels = flow.sample(n, seed=seed, batch_size=SAMPLE_BATCH, steps=steps, solver=solver,
-                                 temperature=temperature, cfg_scale=cfg_scale)
+                                 temperature=temperature, cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval))
     return images, labels, time.time() - start
 
 

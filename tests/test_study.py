@@ -16,7 +16,8 @@ import sample
 import study
 import vfm
 from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli
-from studies import common, convergence, solvers, temperature, uncertainty
+from data import CodeSet
+from studies import common, convergence, fewstep, solvers, temperature, uncertainty
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -166,6 +167,31 @@ def test_steps_for_nfe():
             assert vfm.num_evaluations(steps, solver) == nfe, (solver, steps)
 
 
+def test_fewstep_on_the_toys(tmp_path):
+    study.main(["fewstep", "--budget", "tiny", "--seed", "2", "--out", str(tmp_path)])
+    (header, rows), record = outputs(tmp_path, "fewstep-toy")
+    b = fewstep.TOY_BUDGETS["tiny"]
+    assert header == ["toy", "model", "solver", *(f"NFE {n}" for n in b["nfe"])]
+    assert [tuple(r[:3]) for r in rows] == [(toy, m, s) for toy in b["toys"] for m in ("oracle", "teacher", "student")
+                                            for s in vfm.SOLVERS]
+    for r in record["rows"]:
+        assert (r["steps"], r["nfe"]) == STEPS_AND_NFE[r["solver"]][r["nfe_target"]], r
+    # the student's row recomputed from toy/run.py: teacher, couplings from other noise, student from the teacher
+    toy = make_toy("pairs")
+    objective = vfm.build_objective("purrception", toy.codebook)
+    teacher = toy_run.train(toy, objective, b["teacher_iters"], 2)
+    codes, z0 = toy_run.sample(toy, objective, teacher, b["couplings"], 102, steps=b["coupling_steps"], couplings=True)
+    assert torch.equal(codes, toy_run.sample(toy, objective, teacher, b["couplings"], 102, steps=b["coupling_steps"]))
+    student = toy_run.train(toy, objective, b["student_iters"], 2, lr=b["student_lr"], init=teacher,
+                            couplings=(codes, z0))
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), teacher.parameters()))
+    got = {(r["model"], r["nfe_target"]): r["tv"] for r in record["rows"]
+           if (r["toy"], r["solver"]) == ("pairs", "euler")}
+    for name, model in (("teacher", teacher), ("student", student)):
+        assert got[name, 1] == round(toy.tv(toy_run.sample(toy, objective, model, b["num_samples"], 2, steps=1)), 4)
+    assert set(record["costs"]) == set(b["toys"])
+
+
 # ---- Fashion-MNIST codes ---------------------------------------------------------------------------------
 
 def test_draws_are_those_of_sample_py(flow_ckpts, tmp_path):
@@ -232,6 +258,61 @@ def test_convergence_objectives_must_be_known(spec, tmp_path, capsys):
     line = one_line_error(capsys, study.main, ["convergence", "--data", "toy", "--budget", "tiny", "--out",
                                                str(tmp_path), "--objectives", spec])
     assert "expected a comma-separated list of purrception, cfm, cfm-endpoint, dfm" in line
+
+
+def test_fewstep_on_codes(flow_ckpts, classifier, tmp_path, monkeypatch):
+    drawn = drawn_by(monkeypatch, fewstep)
+    teacher = flow_ckpts["purrception"]
+    argv = ["fewstep", "--data", "fashion-mnist", "--ckpt", str(teacher), *scoring(classifier), "--budget", "tiny",
+            "--seed", "3", "--out", str(tmp_path)]
+    study.main(argv)
+    (header, rows), record = outputs(tmp_path, "fewstep-fashion-mnist")
+    b = fewstep.IMAGE_BUDGETS["tiny"]
+    assert header == ["model", "solver", "guidance", "NFE", "network passes", "ms/sample", "accuracy", "FID-LeNet",
+                      "coverage"]
+    per_scale = [("teacher", "euler", 1), ("teacher", "euler", 2), ("teacher", "midpoint", 2), ("student", "euler", 1),
+                 ("student", "euler", 2), ("student", "midpoint", 2), ("teacher", "euler", b["reference_steps"])]
+    assert [(r[0], r[1], float(r[2]), int(r[3])) for r in rows] == [(m, s, c, n) for c in b["cfg_scales"]
+                                                                   for m, s, n in per_scale]
+    assert [int(r[4]) for r in rows] == [n * (2 if float(r[2]) != 1 else 1) for r, n in zip(rows, [int(r[3]) for r in rows])]
+    pairs = CodeSet(str(tmp_path / "couplings" / "couplings"))
+    assert pairs.has_noise and len(pairs) == b["couplings"]
+    assert {k: pairs.meta["teacher"][k] for k in ("steps", "solver", "cfg_scale", "seed")} == dict(
+        steps=b["coupling_steps"], solver=b["coupling_solver"], cfg_scale=b["coupling_cfg"], seed=3)
+    student = tmp_path / "runs" / "student" / "checkpoints" / "last.pt"
+    args = flows.load_checkpoint(str(student))["args"]
+    assert args["init"] == str(teacher) and args["codes"] == str(tmp_path / "couplings" / "couplings")
+    assert args["steps"] == b["student_steps"] and args["codebook_scale"] == "rms"
+    row = next(i for i, r in enumerate(record["rows"]) if (r["model"], r["nfe"], r["cfg_scale"]) == ("student", 1, 2.0))
+    check_row(record["rows"][row], drawn[row], student, tmp_path / "check", classifier, "--num-samples",
+              b["num_samples"], "--steps", 1, "--cfg-scale", 2, "--seed", 3)
+
+    # run again: the couplings and the student are reused, the rows are the same
+    monkeypatch.setattr(fewstep.sample, "sample", lambda *a: pytest.fail("drew the couplings again"))
+    before = student.read_bytes()
+    study.main(argv + ["--force"])
+    assert student.read_bytes() == before  # the finished student is not trained again
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_sample"} for r in rows]  # noqa: E731
+    assert timeless(outputs(tmp_path, "fewstep-fashion-mnist")[1]["rows"]) == timeless(record["rows"])
+
+
+def test_guidance_windows(flow_ckpts, classifier, tmp_path, monkeypatch):
+    drawn = drawn_by(monkeypatch, fewstep)
+    ckpt = flow_ckpts["purrception"]
+    study.main(["guidance", "--ckpt", str(ckpt), *scoring(classifier), "--budget", "tiny", "--seed", "1", "--out",
+                str(tmp_path)])
+    (header, rows), record = outputs(tmp_path, "guidance")
+    b = fewstep.GUIDANCE_BUDGETS["tiny"]
+    assert header[:4] == ["guidance", "window [lo, hi] of t", "network passes", "passes saved"]
+    assert [(r[0], r[1]) for r in rows] == [("1", "[0, 1]")] + [(f"{b['cfg_scale']:g}", f"[{lo:g}, {hi:g}]")
+                                                               for lo, hi in b["windows"]]
+    times = vfm.evaluation_times(b["steps"], "midpoint")
+    for r in record["rows"][1:]:
+        lo, hi = r["window"]
+        assert r["passes"] == sum(2 if lo <= t <= hi else 1 for t in times)
+    check_row(record["rows"][-1], drawn[-1], ckpt, tmp_path / "check", classifier, "--num-samples", b["num_samples"],
+              "--steps", b["steps"], "--solver", "midpoint", "--cfg-scale", b["cfg_scale"], "--cfg-interval",
+              "{}:{}".format(*b["windows"][-1]), "--seed", 1)
 
 
 def test_temperature(flow_ckpts, classifier, tmp_path, monkeypatch):
@@ -321,6 +402,11 @@ def bad(flow_ckpts, tmp_path_factory):
     (["solvers", "--data", "fashion-mnist", "--ckpt", "{purrception}"], "needs --data-dir"),
     (["solvers", "--ckpt", "{purrception}"], "--ckpt and --dfm-ckpt are for --data fashion-mnist"),
     (["convergence", "--data", "fashion-mnist", "--data-dir", FASHION_MNIST], "needs --codes"),
+    (["fewstep", "--ckpt", "{purrception}"], "--ckpt is for --data fashion-mnist or mnist"),
+    (["fewstep", "--data", "fashion-mnist", "--data-dir", FASHION_MNIST], "fewstep --data fashion-mnist needs --ckpt"),
+    (["fewstep", "--data", "fashion-mnist", "--ckpt", "{dfm}"], "a checkpoint of dfm; fewstep needs purrception"),
+    (["fewstep", "--data", "mnist", "--ckpt", "{purrception}"], "trained on fashion-mnist codes, not --data mnist"),
+    (["guidance"], "guidance needs --ckpt"),
     (["convergence", "--data", "fashion-mnist", "--codes", "{codes}", "--schedule", "per-budget"],
      "--schedule is for --data toy"),
     (["convergence", "--data", "toy", "--codes", "{codes}"], "--codes is for --data fashion-mnist"),

@@ -1,0 +1,292 @@
+"""
+Beyond the paper: a one- or two-step student by reflow, and guidance only where it helps.
+
+fewstep: the teacher's sampler maps each noise z0 to one code grid c. A student with the teacher's network and
+objective, started from the teacher's weights, is trained on those fixed pairs (z0, c) instead of fresh noise
+(`sample.py --couplings`, then `train.py --codes COUPLINGS --init TEACHER`): its path from z0 is straight and
+its posterior at t = 0 already points at c, so one Euler step lands on the posterior mean. Teacher and student
+are scored at 1, 2 and 4 network evaluations (each solver), beside the exact posterior on the toys and beside
+the teacher at 100 Euler steps on images.
+
+guidance: classifier-free guidance only for t in a window (Kynkäänniemi et al. 2024, arXiv 2404.07724), one
+conditional pass elsewhere: quality and network passes for a grid of windows at one guidance scale.
+"""
+
+import os
+import time
+
+import torch
+
+import files
+import sample
+import train
+import vfm
+from cli import UserError, user_errors
+from data import CodeSet
+from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, need,
+                            need_scoring, pyplot, refuse_to_replace, score, write_outputs)
+from studies.solvers import steps_for_nfe
+from toy import run as toy_run
+from toy.toys import Oracle, make_toy
+
+# What each budget runs.
+TOY_BUDGETS = {
+    "tiny": dict(toys=("checkerboard", "pairs"), teacher_iters=8, couplings=200, coupling_steps=4,
+                 student_iters=8, student_lr=4e-3, nfe=(1, 2, 4), num_samples=400),
+    # the teacher is toy/run.py's Purrception (1,200 iterations); 20,000 couplings at 100 Euler steps; the
+    # student trains as long as the teacher did, at the same rate
+    "full": dict(toys=("checkerboard", "pairs"), teacher_iters=1200, couplings=20000, coupling_steps=100,
+                 student_iters=1200, student_lr=4e-3, nfe=(1, 2, 4, 100), num_samples=20000),
+}
+IMAGE_BUDGETS = {
+    "tiny": dict(couplings=24, coupling_steps=2, coupling_solver="euler", coupling_cfg=2.0, student_steps=2,
+                 batch_size=8, lr=1e-4, ema_decay=0.9, nfe=(1, 2), cfg_scales=(1.0, 2.0), reference_steps=3,
+                 num_samples=20),
+    # couplings drawn with README tier 2's sampler (8 midpoint steps, guidance 3), so that the student's single
+    # pass is already guided
+    "full": dict(couplings=10000, coupling_steps=8, coupling_solver="midpoint", coupling_cfg=3.0,
+                 student_steps=2000, batch_size=32, lr=1e-3, ema_decay=0.999, nfe=(1, 2, 4), cfg_scales=(1.0, 3.0),
+                 reference_steps=100, num_samples=1000),
+}
+GUIDANCE_BUDGETS = {
+    "tiny": dict(cfg_scale=2.0, windows=((0, 1), (0.5, 1)), steps=2, num_samples=20),
+    # README tier 2's sampler: 8 midpoint steps (DFM: 16 discrete Euler steps) at guidance 3
+    "full": dict(cfg_scale=3.0, windows=((0, 1), (0.1, 1), (0.2, 1), (0.3, 1), (0.5, 1), (0, 0.5), (0, 0.8),
+                                         (0.2, 0.8), (0.3, 0.7)), steps=8, num_samples=1000),
+}
+
+
+def run(args):
+    if args.data == "toy":
+        if args.ckpt:
+            raise UserError("--ckpt is for --data fashion-mnist or mnist; the toy trains its own teacher")
+        refuse_to_replace(args, "fewstep-toy")
+        return on_toys(args)
+    refuse_to_replace(args, "fewstep-" + args.data)
+    return on_codes(args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The 2D toys
+# ----------------------------------------------------------------------------------------------------------
+
+def on_toys(args):
+    """Oracle, teacher and student at each NFE and solver on each toy."""
+    torch.set_num_threads(1)  # the toy's small matrices: a second thread costs more than it gives
+    b, start = TOY_BUDGETS[args.budget], clock()
+    rows, costs, exact = [], {}, {}
+    for toy_name in b["toys"]:
+        toy = make_toy(toy_name)
+        objective = vfm.build_objective("purrception", toy.codebook)
+        t0 = time.time()
+        teacher = toy_run.train(toy, objective, b["teacher_iters"], args.seed)
+        t1 = time.time()
+        couplings = toy_run.sample(toy, objective, teacher, b["couplings"], args.seed + 100,
+                                   steps=b["coupling_steps"], couplings=True)
+        t2 = time.time()
+        student = toy_run.train(toy, objective, b["student_iters"], args.seed, lr=b["student_lr"], init=teacher,
+                                couplings=couplings)
+        costs[toy_name] = dict(teacher_seconds=round(t1 - t0, 1), couplings_seconds=round(t2 - t1, 1),
+                               student_seconds=round(time.time() - t2, 1))
+        exact[toy_name] = round(toy.tv(toy.sample(b["num_samples"], torch.Generator().manual_seed(args.seed))), 4)
+        models = (("oracle", Oracle(toy, objective.codebook)), ("teacher", teacher), ("student", student))
+        for name, model in models:
+            for solver in vfm.SOLVERS:
+                for target in b["nfe"]:
+                    steps = steps_for_nfe(target, solver)
+                    codes = toy_run.sample(toy, objective, model, b["num_samples"], args.seed, steps=steps,
+                                           solver=solver)
+                    rows.append(dict(toy=toy_name, model=name, solver=solver, nfe_target=target, steps=steps,
+                                     nfe=vfm.num_evaluations(steps, solver), tv=round(toy.tv(codes), 4)))
+                print(f"  {toy_name:<12} {name:<8} {solver:<9} TV at NFE {b['nfe']}: " +
+                      " ".join(f"{r['tv']:.3f}" for r in rows[-len(b["nfe"]):]), flush=True)
+
+    def cells(series):
+        mine = [r for r in rows if (r["toy"], r["model"], r["solver"]) == series]
+        return [f"{r['tv']:.3f}" + ("" if r["nfe"] == r["nfe_target"] else f" ({r['nfe']})") for r in mine]
+
+    table = files.markdown_table(["toy", "model", "solver", *(f"NFE {n}" for n in b["nfe"])],
+                                 [[*series, *cells(series)]
+                                  for series in dict.fromkeys((r["toy"], r["model"], r["solver"]) for r in rows)])
+    note = (f"TV to p(c) of {b['num_samples']} samples; in brackets the NFE a solver actually used where it cannot "
+            f"hit the target. teacher: Purrception's toy MLP, {b['teacher_iters']} iterations (batch 512, seed "
+            f"{args.seed}); student: the teacher's weights trained {b['student_iters']} more iterations (lr "
+            f"{b['student_lr']}) on {b['couplings']} fixed couplings (z0, the grid the teacher's {b['coupling_steps']} "
+            f"Euler steps reach from z0); oracle: the exact posterior. TV of {b['num_samples']} exact draws (the "
+            f"floor): " + ", ".join(f"{k} {v:.3f}" for k, v in exact.items()) + ". Seconds (teacher, couplings, "
+            "student): " + "; ".join(f"{k} {v['teacher_seconds']}, {v['couplings_seconds']}, {v['student_seconds']}"
+                                     for k, v in costs.items()) + ".")
+    return write_outputs(args, "fewstep-toy", table, note,
+                         dict(settings=b, seed=args.seed, costs=costs, exact_draws_tv=exact, rows=rows), start,
+                         {"fewstep-toy": figure_toys(b, rows, exact)})
+
+
+def figure_toys(b, rows, exact):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(b["toys"]), figsize=(5.2 * len(b["toys"]), 4), squeeze=False)
+    styles = {"euler": "-o", "heun": "-s", "midpoint": "-^"}
+    colors = {"oracle": "k", "teacher": "tab:blue", "student": "tab:orange"}
+    for ax, toy_name in zip(axes[0], b["toys"]):
+        mine = [r for r in rows if r["toy"] == toy_name]
+        for series in dict.fromkeys((r["model"], r["solver"]) for r in mine):
+            pts = sorted({r["nfe"]: r["tv"] for r in mine if (r["model"], r["solver"]) == series}.items())
+            ax.plot(*zip(*pts), styles[series[1]], c=colors[series[0]], ms=4, label=", ".join(series))
+        ax.axhline(exact[toy_name], c="0.5", ls=":", lw=1, label=f"{b['num_samples']} exact draws")
+        log_ticks(ax, b["nfe"])
+        log_y(ax)
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_ylabel(f"TV to p(c) ({b['num_samples']} samples)")
+        ax.set_title(f"{toy_name}: teacher and reflow student", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return files.figure(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images: a teacher checkpoint, its couplings, its student
+# ----------------------------------------------------------------------------------------------------------
+
+def on_codes(args):
+    """Couplings from --ckpt, a student trained on them by train.py, both scored at few NFE with and without
+    guidance. Each part is kept in --out and reused when the study runs again."""
+    b, start = IMAGE_BUDGETS[args.budget], clock()
+    ckpt = need(args.ckpt, f"fewstep --data {args.data} needs --ckpt (a Purrception, CFM or CFM-endpoint checkpoint)")
+    teacher = load_flow(ckpt, ("purrception", "cfm", "cfm-endpoint"), "fewstep")
+    if teacher.dataset != args.data:
+        raise UserError(f"{ckpt}: trained on {teacher.dataset} codes, not --data {args.data}")
+    need_scoring(args.data, args)
+    costs = {}
+
+    # 1. the couplings, drawn by sample.py
+    pairs_out = os.path.join(args.out, "couplings")
+    wanted = dict(ckpt=os.path.abspath(ckpt), step=teacher.step, num_samples=b["couplings"],
+                  steps=b["coupling_steps"], solver=b["coupling_solver"], cfg_scale=b["coupling_cfg"], seed=args.seed)
+    if made_by(os.path.join(pairs_out, "couplings"), wanted) is None:
+        argv = ["--ckpt", ckpt, "--num-samples", b["couplings"], "--steps", b["coupling_steps"], "--solver",
+                b["coupling_solver"], "--cfg-scale", b["coupling_cfg"], "--seed", args.seed, "--couplings",
+                "--out", pairs_out, "--force"]
+        print(f"couplings: python sample.py {' '.join(map(str, argv))}", flush=True)
+        t0 = time.time()
+        with user_errors():
+            sample.sample(sample.parse_args([str(a) for a in argv]))
+        costs["couplings_seconds"] = round(time.time() - t0, 1)
+    costs["couplings_seconds_per_sample"] = made_by(os.path.join(pairs_out, "couplings"), wanted)["seconds_per_sample"]
+
+    # 2. the student, trained by train.py (resumed where a run of the study stopped)
+    run_dir = os.path.join(args.out, "runs", "student")
+    argv = ["--codes", os.path.join(pairs_out, "couplings"), "--init", ckpt, "--model", teacher.args["model"],
+            "--objective", teacher.name, "--codebook-scale", teacher.objective.codebook_scale, "--out", run_dir,
+            "--steps", b["student_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"], "--lr-final", 0,
+            "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed, "--ckpt-every",
+            max(1, b["student_steps"] // 4), "--log-every", max(1, b["student_steps"] // 4), "--sample-every", 0,
+            "--resume"]
+    print(f"student: python train.py {' '.join(map(str, argv))}", flush=True)
+    t0 = time.time()
+    train.train(train.parse_args([str(a) for a in argv]))
+    costs["student_seconds"] = round(time.time() - t0, 1)
+    student = load_flow(os.path.join(run_dir, "checkpoints", "last.pt"), (teacher.name,), "fewstep")
+
+    # 3. both at few evaluations, with and without guidance; the teacher at many
+    rows = []
+
+    def add(model, flow, solver, steps, cfg, target):
+        images, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver, cfg_scale=cfg)
+        rows.append(dict(model=model, solver=solver, cfg_scale=cfg, nfe_target=target, steps=steps,
+                         nfe=vfm.num_evaluations(steps, solver),
+                         passes=vfm.guided_evaluations(steps, solver, cfg, guidable=flow.num_classes > 0),
+                         ms_per_sample=round(1000 * seconds / b["num_samples"], 2),
+                         **score(images, labels, flow.dataset, args)))
+        r = rows[-1]
+        print(f"  {model:<8} {solver:<9} cfg {cfg:g} NFE {r['nfe']:>3}: accuracy {r['accuracy']:.3f}  FID "
+              f"{r['fid']:.2f}  ({r['ms_per_sample']:.1f} ms/sample)", flush=True)
+
+    for cfg in b["cfg_scales"]:
+        for model, flow in (("teacher", teacher), ("student", student)):
+            for solver in ("euler", "midpoint"):
+                for target in b["nfe"]:
+                    if vfm.num_evaluations(steps_for_nfe(target, solver), solver) == target:
+                        add(model, flow, solver, steps_for_nfe(target, solver), cfg, target)
+        add("teacher", teacher, "euler", b["reference_steps"], cfg, b["reference_steps"])
+    table = files.markdown_table(
+        ["model", "solver", "guidance", "NFE", "network passes", "ms/sample", "accuracy", "FID-LeNet", "coverage"],
+        [[r["model"], r["solver"], f"{r['cfg_scale']:g}", r["nfe"], r["passes"], f"{r['ms_per_sample']:.1f}",
+          f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", f"{r['coverage']:.3f}"] for r in rows])
+    note = (f"{b['num_samples']} samples per row (labels 0..9 cycled, EMA weights, temperature 1). teacher: {ckpt} "
+            f"(step {teacher.step}); student: its weights trained {b['student_steps']} steps (batch "
+            f"{b['batch_size']}, lr {b['lr']} decaying to 0, EMA {b['ema_decay']}) on {b['couplings']} couplings "
+            f"drawn by the teacher with {b['coupling_steps']} {b['coupling_solver']} steps at guidance "
+            f"{b['coupling_cfg']:g} ({costs['couplings_seconds_per_sample'] * 1000:.1f} ms each). NFE: network "
+            f"evaluations; network passes: with guidance two per evaluation. ms/sample: sampling and decoding on "
+            f"this machine's CPU, batches of {SAMPLE_BATCH}.")
+    for r in rows:
+        r["series"] = f"{r['model']}, {r['solver']}, guidance {r['cfg_scale']:g}"
+    plot = figure_metrics_vs([r for r in rows if r["nfe"] <= max(b["nfe"])], "series", "nfe",
+                             list(dict.fromkeys(r["series"] for r in rows)),
+                             f"{teacher.dataset}: teacher and reflow student vs network evaluations",
+                             "network evaluations (NFE)", log_x=b["nfe"])
+    return write_outputs(args, "fewstep-" + args.data, table, note,
+                         dict(settings=b, seed=args.seed, ckpt=os.path.abspath(ckpt), costs=costs, rows=rows), start,
+                         {"fewstep-" + args.data: plot})
+
+
+def made_by(couplings_dir, wanted):
+    """The teacher settings of the coupling set in couplings_dir if they include `wanted`, else None (no set,
+    an unreadable one, or one drawn otherwise)."""
+    try:
+        teacher = CodeSet(couplings_dir).meta.get("teacher", {})
+    except (OSError, ValueError):
+        return None
+    return teacher if {k: teacher.get(k) for k in wanted} == wanted else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guidance in a window of t
+# ----------------------------------------------------------------------------------------------------------
+
+def guidance(args):
+    """Quality and network passes for each guidance window at one scale, on a checkpoint with classes."""
+    b, start = GUIDANCE_BUDGETS[args.budget], clock()
+    refuse_to_replace(args, "guidance")
+    flow = load_flow(need(args.ckpt, "guidance needs --ckpt RUN/checkpoints/last.pt"), vfm.OBJECTIVES, "guidance")
+    if not flow.num_classes:
+        raise UserError(f"{args.ckpt}: trained without labels, so there is nothing to guide towards")
+    need_scoring(flow.dataset, args)
+    solver, steps = ("euler", 2 * b["steps"]) if flow.name == "dfm" else ("midpoint", b["steps"])
+    rows = []
+    for cfg, window in [(1.0, (0, 1))] + [(b["cfg_scale"], w) for w in b["windows"]]:
+        images, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver, cfg_scale=cfg,
+                                       cfg_interval=window)
+        rows.append(dict(cfg_scale=cfg, window=list(window), passes=vfm.guided_evaluations(steps, solver, cfg, window),
+                         seconds=round(seconds, 1), **score(images, labels, flow.dataset, args)))
+        r = rows[-1]
+        print(f"  guidance {cfg:g} on [{window[0]:g}, {window[1]:g}]: accuracy {r['accuracy']:.3f}  FID "
+              f"{r['fid']:.2f}  coverage {r['coverage']:.3f}  ({r['passes']} passes)", flush=True)
+    full = vfm.guided_evaluations(steps, solver, b["cfg_scale"])
+    table = files.markdown_table(
+        ["guidance", "window [lo, hi] of t", "network passes", "passes saved", "accuracy", "FID-LeNet", "coverage"],
+        [[f"{r['cfg_scale']:g}", f"[{r['window'][0]:g}, {r['window'][1]:g}]", r["passes"],
+          f"{1 - r['passes'] / full:.0%}" if r["cfg_scale"] != 1 else "-", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
+          f"{r['coverage']:.3f}"] for r in rows])
+    note = (f"{b['num_samples']} samples per row of {args.ckpt} ({flow.name}, step {flow.step}): {steps} {solver} "
+            f"steps, temperature 1, guidance only at the network evaluations with lo <= t <= hi (t = 0 is noise), "
+            f"one conditional pass elsewhere. Passes saved: against guidance everywhere ({full} passes). The first "
+            f"row is no guidance.")
+    return write_outputs(args, "guidance", table, note,
+                         dict(settings=b, seed=args.seed, ckpt=os.path.abspath(args.ckpt), solver=solver, steps=steps,
+                              rows=rows), start, {"guidance": figure_guidance(rows, flow, b)})
+
+
+def figure_guidance(rows, flow, b):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric, label in zip(axes, ("fid", "accuracy", "coverage"),
+                                 ("FID-LeNet (lower is better)", "accuracy", "coverage")):
+        for r in rows:
+            name = "no guidance" if r["cfg_scale"] == 1 else f"[{r['window'][0]:g}, {r['window'][1]:g}]"
+            ax.scatter(r["passes"], r[metric], s=14, c="k" if r["cfg_scale"] == 1 else "tab:blue")
+            ax.annotate(name, (r["passes"], r[metric]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("network passes per sample")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{flow.dataset}, {flow.name}: guidance {b['cfg_scale']:g} only for t in a window", fontsize=10)
+    fig.tight_layout()
+    return files.figure(fig)
