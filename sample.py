@@ -7,10 +7,11 @@ Sample images from a trained flow: a PNG grid (a row per class) and an .npz for 
 
 OUT/samples.npz holds `arr_0`, uint8 N x H x W x C (the layout the standard FID evaluators read), `labels`
 (the class each sample was conditioned on) and `settings` (every sampling setting, as JSON, also written to
-OUT/settings.json). `--cfg-interval LO:HI` guides only the network evaluations with LO <= t <= HI
-(one conditional pass elsewhere; `nfe` in the settings counts the passes). `--couplings` also writes
-OUT/couplings, a code set of the grids drawn with the noise z0 each started from: the fixed pairs a reflow
-student trains on (`python train.py --codes OUT/couplings --init CKPT`, then sample it with `--steps 1`). The EMA weights are used unless --no-ema. Sample i depends only on --seed and i, not on
+OUT/settings.json; its `nfe` counts network passes, two for a guided evaluation). The EMA weights are used
+unless --no-ema. `--cfg-interval LO:HI` guides only the network evaluations with LO <= t <= HI, one
+conditional pass elsewhere. `--couplings` also writes OUT/couplings, a code set of the grids drawn with the
+noise z0 each started from: the fixed pairs a reflow student trains on (`python train.py --codes
+OUT/couplings --init CKPT`, then sampled with `--steps 1`). Sample i depends only on --seed and i, not on
 the number of processes (flows.py: batch b is seeded with batch_seed(seed, b)): under torchrun each rank draws
 its share of the batches and rank 0 writes exactly N.
 """
@@ -46,11 +47,13 @@ def sample(args):
         args.cfg_interval = vfm.parse_cfg_interval(args.cfg_interval)
     make_dir(args.out)
     check_output_files(args.out, "samples.npz", "settings.json", "grid.png")
+    for name in (".parts", "couplings", ".couplings.tmp"):
+        path = os.path.join(args.out, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{path}: not a directory; move it away or choose another --out")
     if args.couplings and os.path.exists(os.path.join(args.out, "couplings")) and not args.force:
         raise UserError(f"{os.path.join(args.out, 'couplings')} exists: pass --force to replace it, or choose "
                         f"another --out")
-    if os.path.exists(os.path.join(args.out, ".parts")) and not os.path.isdir(os.path.join(args.out, ".parts")):
-        raise UserError(f"{os.path.join(args.out, '.parts')}: not a directory; move it away or choose another --out")
     if not args.force:
         refuse_overwrite(os.path.join(args.out, "samples.npz"))
     with distributed.processes() as (rank, world, device):
@@ -83,6 +86,8 @@ def _sample(args, rank, world, device):
     parts = os.path.join(args.out, ".parts")
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
+        if args.couplings:  # replaced (--force): the old set goes now, so a run that fails leaves none, not a stale one
+            shutil.rmtree(os.path.join(args.out, "couplings"), ignore_errors=True)
     distributed.barrier(world)
     num_batches = (args.num_samples + args.batch_size - 1) // args.batch_size
     start = time.time()
@@ -104,6 +109,7 @@ def _sample(args, rank, world, device):
     finally:  # finished, failed or interrupted: the batches go (rank 0 removes them once every rank is done)
         if rank == 0:
             shutil.rmtree(parts, ignore_errors=True)
+            shutil.rmtree(os.path.join(args.out, ".couplings.tmp"), ignore_errors=True)
 
 
 def pack(args, flow, labels, settings, parts, num_batches, start, world):

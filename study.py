@@ -1,5 +1,6 @@
 """
-The paper's three claims, measured at laptop scale, one subcommand each (and a look at the posterior):
+The paper's three claims, measured at laptop scale, one subcommand each (and a look at the posterior), and two
+steps beyond the paper (a few-step student, guidance in a window):
 
     python study.py convergence --data toy                         # (1) quality vs training iterations
     python study.py convergence --data fashion-mnist --codes runs/fmnist-codes --data-dir DIR
@@ -13,14 +14,17 @@ The paper's three claims, measured at laptop scale, one subcommand each (and a l
 
 Claims (arXiv 2510.01478): (1) Purrception converges faster than CFM, CFM-endpoint and DFM trained with the
 same backbone and budget; (2) the softmax temperature is a training-free quality knob with a U-shaped curve;
-(3) as a continuous flow it samples well with few steps and higher-order solvers.
+(3) as a continuous flow it samples well with few steps and higher-order solvers. Beyond them: a reflow
+student that samples in one or two network evaluations, and guidance that acts only for t in a window.
 
 Every subcommand writes OUT/NAME.md (a markdown table, also printed), OUT/NAME.json (every number behind it,
 with the settings and wall times) and OUT/NAME*.png, all together when it ends: a run that fails or is stopped
-leaves --out as it was. Where these files exist from an earlier run, a study refuses to start unless --force,
-which replaces them (`convergence` on images resumes its training runs in OUT/runs instead).
+leaves them as they were. Where these files exist from an earlier run, a study refuses to start unless --force,
+which replaces them. The studies that train on images keep their work in --out and resume it when run again:
+`convergence` its training runs (OUT/runs) and each checkpoint's score, `fewstep` its couplings
+(OUT/couplings) and its student (OUT/runs/student); a run there made with other settings is refused.
 
-The code of each claim is in studies/NAME.py: `--budget full` runs the settings of its budget table; `--budget
+The code of each subcommand is in studies/NAME.py: `--budget full` runs the settings of its budget table; `--budget
 tiny` runs the same code in seconds (for the tests; its numbers mean nothing). Image quality is scored by
 evaluate.py: classifier accuracy on the conditioning labels and FID-LeNet against the real images; the IDX files
 and the classifier are checked before any training or sampling. Samples are drawn exactly as `python sample.py
@@ -33,7 +37,7 @@ import sys
 
 import vfm
 from cli import ArgumentParser, check_seed, make_dir, run_command
-from studies import convergence, fewstep, solvers, temperature, uncertainty
+from studies import convergence, fewstep, guidance, solvers, temperature, uncertainty
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 
@@ -109,7 +113,7 @@ def parse_args(argv=None):
 
 
 COMMANDS = {"convergence": convergence.run, "temperature": temperature.run, "solvers": solvers.run,
-            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": fewstep.guidance}
+            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": guidance.run}
 
 
 def run(args):

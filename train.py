@@ -112,8 +112,8 @@ def update_ema(ema, model, decay):
 
 def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr, grad_clip, ema_decay,
                loss_by_t=None, step=0):
-    """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and backward each,
-    clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping.
+    """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and
+    backward each, clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping.
 
     model is what runs (compiled and/or DDP-wrapped), raw_model the module under it (what the EMA follows)."""
     for group in opt.param_groups:
@@ -168,16 +168,19 @@ def checked_resume(args, codes, ckpt_path, rank):
 
 
 def check_couplings(args, codes):
-    """A coupling set (codes with the noise each was drawn from) fits only the objective and codebook scale of
-    the teacher that drew it."""
+    """A coupling set (codes with the noise each was drawn from) trains a continuous flow (not DFM) on the
+    codebook scale of the teacher that drew it: the same noise means another path on another scale."""
     if not codes.has_noise:
         return
-    teacher = codes.meta.get("teacher", {})
     if args.objective == "dfm":
         raise UserError(f"{args.codes}: a coupling set of noise and codes; DFM starts from masks, not noise")
-    if teacher.get("codebook_scale") != args.codebook_scale:
-        raise UserError(f"{args.codes}: couplings of a teacher on the {teacher.get('codebook_scale')} codebook, not "
-                        f"--codebook-scale {args.codebook_scale}")
+    scale = codes.meta.get("teacher", {}).get("codebook_scale") if isinstance(codes.meta.get("teacher"), dict) else None
+    if scale is None:
+        raise UserError(f"{args.codes}/meta.json: a coupling set without its teacher's settings; expected one "
+                        f"written by `python sample.py --couplings`")
+    if scale != args.codebook_scale:
+        raise UserError(f"{args.codes}: couplings of a teacher on the {scale} codebook, not --codebook-scale "
+                        f"{args.codebook_scale}")
 
 
 def initial_weights(args, codes, model):
@@ -347,6 +350,8 @@ def _train(args, rank, world, device):
             flows.check_weights(ckpt_path, ckpt["model"], raw_model, ckpt["args"])
     if ckpt is None and args.init:
         raw_model.load_state_dict(initial_weights(args, codes, raw_model))
+    elif ckpt is not None and args.init and rank == 0:
+        print(f"--init {args.init} is not used: the run resumes from {ckpt_path}", file=sys.stderr)
     raw_model.to(device)
     objective.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)  # synced once (decay 0), then updated every step

@@ -138,9 +138,11 @@ def parse_cfg_interval(spec):
 
 
 def guidance_at(t, cfg_scale, cfg_interval=(0.0, 1.0)):
-    """The guidance scale of an evaluation at time t: cfg_scale inside the interval, 1 (no guidance) outside."""
+    """The guidance scale of an evaluation at time t: cfg_scale inside the interval, 1 (no guidance) outside. The
+    ends are inclusive up to 1e-9, so that a grid time such as 3 / 10 (0.30000000000000004 in floating point)
+    is inside [0, 0.3]."""
     lo, hi = cfg_interval
-    return cfg_scale if lo <= t <= hi else 1.0
+    return cfg_scale if lo - 1e-9 <= t <= hi + 1e-9 else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,13 +176,9 @@ def solve_ode(velocity, z, steps, solver="euler"):
     return z
 
 
-def num_evaluations(steps, solver):
-    """Network evaluations per sample (NFE) of solve_ode."""
-    return {"euler": steps, "midpoint": 2 * steps, "heun": 2 * steps - 1}[solver]
-
-
 def evaluation_times(steps, solver):
-    """The times t at which solve_ode (and DFM's sampler, as "euler") evaluates the network, in order."""
+    """The times t at which solve_ode (and DFM's sampler, as "euler") evaluates the network, in order: t_i for
+    each step, and t_i + h/2 (midpoint) or t_i+1 (heun, every step but the last) for the second evaluation."""
     ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
     times = []
     for i in range(steps):
@@ -192,9 +190,15 @@ def evaluation_times(steps, solver):
     return times
 
 
+def num_evaluations(steps, solver):
+    """Network evaluations per sample (NFE) of solve_ode: steps (euler), 2 steps (midpoint), 2 steps - 1 (heun)."""
+    return len(evaluation_times(steps, solver))
+
+
 def guided_evaluations(steps, solver, cfg_scale, cfg_interval=(0.0, 1.0), guidable=True):
-    """Network passes per sample: two at each evaluation where guidance acts (cfg_scale not 0 or 1 and t in the
-    interval), one elsewhere. guidable=False (a model without classes): one everywhere."""
+    """Network passes per sample (what sample.py records as `nfe`): two at each evaluation where guidance acts
+    (cfg_scale not 0 or 1, as Objective.guided, and t in the interval), one elsewhere. guidable=False (a model
+    without classes): one everywhere."""
     on = guidable and cfg_scale not in (0, 1)
     return sum(2 if on and guidance_at(t, cfg_scale, cfg_interval) != 1 else 1
                for t in evaluation_times(steps, solver))
@@ -257,6 +261,10 @@ class Objective:
 
     def embed(self, codes):
         return self.codebook.to(codes.device)[codes]  # (B, *S, d)
+
+    def noise(self, shape, generator=None):
+        """The source noise z0 of shape (B, *S, d) of a continuous flow; DFM has none."""
+        raise ValueError(f"{self.name} starts from the all-mask source: it has no noise to fix")
 
     def labels(self, y, batch, device):
         return null_labels(batch, self.num_classes, device) if y is None else y
@@ -392,7 +400,7 @@ class DFM(Objective):
 
     def loss(self, model, codes, y=None, generator=None, z0=None):
         if z0 is not None:
-            raise ValueError("DFM starts from the all-mask source: it has no noise to fix")
+            self.noise(codes.shape)  # raises: DFM has no noise
         B = codes.shape[0]
         t = self._draw_t(codes, generator)  # (B,)
         kappa = t.view(-1, *[1] * (codes.dim() - 1))  # (B, 1, ...)
@@ -406,7 +414,7 @@ class DFM(Objective):
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
                generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
         if z0 is not None:
-            raise ValueError("DFM starts from the all-mask source: it has no noise to fix")
+            self.noise(shape)  # raises: DFM has no noise
         if solver != "euler":
             raise ValueError(f"DFM samples with its discrete Euler step only, not '{solver}'")
         if steps < 1:

@@ -7,6 +7,7 @@ interrupted before then leaves what an earlier run wrote in --out as it was. A s
 outputs already exist, unless --force.
 """
 
+import json
 import os
 import time
 
@@ -16,6 +17,7 @@ import data
 import evaluate
 import files
 import flows
+import train
 from cli import UserError, make_dir, user_errors
 
 SAMPLE_BATCH = 250  # sample.py's default batch: sample i gets the same noise as `sample.py --seed S`
@@ -123,6 +125,30 @@ def figure_metrics_vs(rows, series_key, x_key, series, title, xlabel, reference=
 # ----------------------------------------------------------------------------------------------------------
 # Trained flows: loading, sampling, scoring
 # ----------------------------------------------------------------------------------------------------------
+
+RUN_SETTINGS = ("codes", "init", "steps", "batch_size", "lr", "warmup_steps", "lr_final", "ema_decay", "ema_warmup",
+                "keep_every")
+
+
+def train_args(argv):
+    """train.py's arguments for a study's run (its flags, ending in --resume), after checking that a run already
+    in its --out was started with the same settings: a study resumes its own runs, never one of another budget.
+    Then train.train(args) runs it."""
+    args = train.parse_args([str(a) for a in argv])
+    path = os.path.join(args.out, "args.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = {}
+        differ = [k for k in RUN_SETTINGS if earlier.get(k) != getattr(args, k)]
+        if differ:
+            k = differ[0]
+            raise UserError(f"{args.out}: a run with --{k.replace('_', '-')} {earlier.get(k)}, not {getattr(args, k)} "
+                            f"as this study asks; choose another --out, or remove that run")
+    return args
+
 
 def need(value, message):
     if not value:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+import evaluate
 import files
 import images
 import tokenizers
@@ -21,7 +22,7 @@ import train
 import vfm
 from cli import UserError, user_errors
 from data import CodeSet
-from studies.common import (clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
+from studies.common import (clock, draw, train_args, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
                             need_scoring, pyplot, refuse_to_replace, score, write_outputs)
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
@@ -204,18 +205,23 @@ def on_codes(args):
     if dataset != args.data:
         raise UserError(f"{codes_dir}: a code set of {dataset}, not of --data {args.data}")
     need_scoring(dataset, args)
+    argvs = {}  # every run checked before any work
+    for objective in args.objectives:
+        run_dir = os.path.join(args.out, "runs", objective)
+        argvs[objective] = [
+            "--codes", codes_dir, "--model", b["model"], "--objective", objective, "--out", run_dir,
+            "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
+            "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
+            "--keep-every", b["keep_every"], "--ckpt-every", b["keep_every"], "--log-every", b["keep_every"],
+            "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
+        train_args(argvs[objective])
     reference = reconstruction_reference(codes, b["num_samples"], args)
     rows, runs = [], {}
     for objective in args.objectives:
         run_dir = os.path.join(args.out, "runs", objective)
-        argv = ["--codes", codes_dir, "--model", b["model"], "--objective", objective, "--out", run_dir,
-                "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
-                "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
-                "--keep-every", b["keep_every"], "--ckpt-every", b["keep_every"], "--log-every", b["keep_every"],
-                "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
-        print(f"training {objective}: python train.py {' '.join(map(str, argv))}", flush=True)
+        print(f"training {objective}: python train.py {' '.join(map(str, argvs[objective]))}", flush=True)
         t0 = time.time()
-        train.train(train.parse_args([str(a) for a in argv]))
+        train.train(train_args(argvs[objective]))
         runs[objective] = dict(train_seconds=round(time.time() - t0, 1), seconds_per_step=seconds_per_step(run_dir))
         for step in range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]):
             rows.append(score_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}.pt"), objective,
@@ -228,7 +234,8 @@ def on_codes(args):
           f"{runs[r['objective']]['seconds_per_step']:.3f}"] for r in rows] +
         [["VQ reconstructions (ceiling)", "-", f"{reference['accuracy']:.3f}", f"{reference['fid']:.2f}", "-"]])
     note = (f"{b['model']}, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} warm-up steps, then constant), "
-            f"EMA decay {b['ema_decay']} with train.py's --ema-warmup, seed {args.seed}; at each checkpoint {b['num_samples']} samples of the EMA weights "
+            f"EMA decay {b['ema_decay']} with train.py's --ema-warmup, seed {args.seed}; at each checkpoint "
+            f"{b['num_samples']} samples of the EMA weights "
             f"(labels 0..9 cycled), {b['steps']} Euler steps (DFM: discrete Euler), temperature 1, no guidance; "
             f"codebook scale {args.codebook_scale}.")
     plot = figure_metrics_vs(rows, "objective", "step", args.objectives,
@@ -236,7 +243,8 @@ def on_codes(args):
                              "training steps", reference)
     return write_outputs(args, "convergence-" + args.data, table, note,
                          dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir),
-                              codebook_scale=args.codebook_scale, runs=runs, reference=reference, rows=rows), start, {"convergence-" + args.data: plot})
+                              codebook_scale=args.codebook_scale, runs=runs, reference=reference, rows=rows), start,
+                         {"convergence-" + args.data: plot})
 
 
 def score_checkpoint(path, objective, step, b, dataset, args):
@@ -244,15 +252,18 @@ def score_checkpoint(path, objective, step, b, dataset, args):
     stopped part-way and run again scores only what it had not: the score is reused while the checkpoint file
     and the scoring settings are the same."""
     stat = os.stat(path)
+    classifier = os.path.abspath(args.classifier or evaluate.default_classifier_path(dataset))
     key = dict(checkpoint_bytes=stat.st_size, checkpoint_mtime=stat.st_mtime, num_samples=b["num_samples"],
-               steps=b["steps"], seed=args.seed, data_dir=os.path.abspath(args.data_dir),
-               classifier=args.classifier and os.path.abspath(args.classifier))
+               steps=b["steps"], seed=args.seed, data_dir=os.path.abspath(args.data_dir), classifier=classifier,
+               classifier_mtime=os.stat(classifier).st_mtime)
     cache = path[:-len(".pt")] + ".score.json"
-    if os.path.exists(cache):
+    try:
         with open(cache) as f:
             kept = json.load(f)
-        if kept.get("key") == key:
+        if kept["key"] == key:
             return kept["row"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: scored again
+        pass
     flow = load_flow(path, vfm.OBJECTIVES, "convergence")
     samples, labels, seconds = draw(flow, b["num_samples"], b["steps"], args.seed)
     row = dict(objective=objective, step=step, sample_seconds=round(seconds, 1),

@@ -1,18 +1,16 @@
 """
-Beyond the paper: a one- or two-step student by reflow, and guidance only where it helps.
+Beyond the paper: a one- or two-step student by reflow.
 
-fewstep: the teacher's sampler maps each noise z0 to one code grid c. A student with the teacher's network and
+The teacher's sampler maps each noise z0 to one code grid c. A student with the teacher's network and
 objective, started from the teacher's weights, is trained on those fixed pairs (z0, c) instead of fresh noise
 (`sample.py --couplings`, then `train.py --codes COUPLINGS --init TEACHER`): its path from z0 is straight and
 its posterior at t = 0 already points at c, so one Euler step lands on the posterior mean. Teacher and student
 are scored at 1, 2 and 4 network evaluations (each solver), beside the exact posterior on the toys and beside
 the teacher at 100 Euler steps on images.
-
-guidance: classifier-free guidance only for t in a window (Kynkäänniemi et al. 2024, arXiv 2404.07724), one
-conditional pass elsewhere: quality and network passes for a grid of windows at one guidance scale.
 """
 
 import os
+import shutil
 import time
 
 import torch
@@ -24,7 +22,7 @@ import vfm
 from cli import UserError, user_errors
 from data import CodeSet
 from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, need,
-                            need_scoring, pyplot, refuse_to_replace, score, write_outputs)
+                            need_scoring, pyplot, refuse_to_replace, score, train_args, write_outputs)
 from studies.solvers import steps_for_nfe
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
@@ -47,12 +45,6 @@ IMAGE_BUDGETS = {
     "full": dict(couplings=10000, coupling_steps=8, coupling_solver="midpoint", coupling_cfg=3.0,
                  student_steps=2000, batch_size=32, lr=1e-3, ema_decay=0.999, nfe=(1, 2, 4), cfg_scales=(1.0, 3.0),
                  reference_steps=100, num_samples=1000),
-}
-GUIDANCE_BUDGETS = {
-    "tiny": dict(cfg_scale=2.0, windows=((0, 1), (0.5, 1)), steps=2, num_samples=20),
-    # README tier 2's sampler: 8 midpoint steps (DFM: 16 discrete Euler steps) at guidance 3
-    "full": dict(cfg_scale=3.0, windows=((0, 1), (0.1, 1), (0.2, 1), (0.3, 1), (0.5, 1), (0, 0.5), (0, 0.8),
-                                         (0.2, 0.8), (0.3, 0.7)), steps=8, num_samples=1000),
 }
 
 
@@ -157,11 +149,23 @@ def on_codes(args):
     need_scoring(args.data, args)
     costs = {}
 
-    # 1. the couplings, drawn by sample.py
-    pairs_out = os.path.join(args.out, "couplings")
+    # 1. the couplings, drawn by sample.py, and 2. the student, trained on them by train.py; a run of the study
+    # that stopped resumes both, and other couplings get a new student
+    pairs_out, run_dir = os.path.join(args.out, "couplings"), os.path.join(args.out, "runs", "student")
     wanted = dict(ckpt=os.path.abspath(ckpt), step=teacher.step, num_samples=b["couplings"],
-                  steps=b["coupling_steps"], solver=b["coupling_solver"], cfg_scale=b["coupling_cfg"], seed=args.seed)
-    if made_by(os.path.join(pairs_out, "couplings"), wanted) is None:
+                  steps=b["coupling_steps"], solver=b["coupling_solver"], cfg_scale=b["coupling_cfg"],
+                  cfg_interval=[0.0, 1.0], temperature="1.0", weights="ema", seed=args.seed)
+    draw_couplings = made_by(os.path.join(pairs_out, "couplings"), wanted) is None
+    if draw_couplings:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    student_argv = ["--codes", os.path.join(pairs_out, "couplings"), "--init", ckpt, "--model", teacher.args["model"],
+                    "--objective", teacher.name, "--codebook-scale", teacher.objective.codebook_scale, "--out",
+                    run_dir, "--steps", b["student_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
+                    "--lr-final", 0, "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
+                    "--ckpt-every", max(1, b["student_steps"] // 4), "--log-every", max(1, b["student_steps"] // 4),
+                    "--sample-every", 0, "--resume"]
+    train_args(student_argv)  # a run there of other settings is refused before any work
+    if draw_couplings:
         argv = ["--ckpt", ckpt, "--num-samples", b["couplings"], "--steps", b["coupling_steps"], "--solver",
                 b["coupling_solver"], "--cfg-scale", b["coupling_cfg"], "--seed", args.seed, "--couplings",
                 "--out", pairs_out, "--force"]
@@ -171,18 +175,9 @@ def on_codes(args):
             sample.sample(sample.parse_args([str(a) for a in argv]))
         costs["couplings_seconds"] = round(time.time() - t0, 1)
     costs["couplings_seconds_per_sample"] = made_by(os.path.join(pairs_out, "couplings"), wanted)["seconds_per_sample"]
-
-    # 2. the student, trained by train.py (resumed where a run of the study stopped)
-    run_dir = os.path.join(args.out, "runs", "student")
-    argv = ["--codes", os.path.join(pairs_out, "couplings"), "--init", ckpt, "--model", teacher.args["model"],
-            "--objective", teacher.name, "--codebook-scale", teacher.objective.codebook_scale, "--out", run_dir,
-            "--steps", b["student_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"], "--lr-final", 0,
-            "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed, "--ckpt-every",
-            max(1, b["student_steps"] // 4), "--log-every", max(1, b["student_steps"] // 4), "--sample-every", 0,
-            "--resume"]
-    print(f"student: python train.py {' '.join(map(str, argv))}", flush=True)
+    print(f"student: python train.py {' '.join(map(str, student_argv))}", flush=True)
     t0 = time.time()
-    train.train(train.parse_args([str(a) for a in argv]))
+    train.train(train_args(student_argv))
     costs["student_seconds"] = round(time.time() - t0, 1)
     student = load_flow(os.path.join(run_dir, "checkpoints", "last.pt"), (teacher.name,), "fewstep")
 
@@ -230,63 +225,11 @@ def on_codes(args):
 
 
 def made_by(couplings_dir, wanted):
-    """The teacher settings of the coupling set in couplings_dir if they include `wanted`, else None (no set,
-    an unreadable one, or one drawn otherwise)."""
+    """The teacher settings of the coupling set in couplings_dir if they include `wanted` (the teacher's file and
+    step, and every sampling setting the study sets), else None: no set, an unreadable one, or one drawn
+    otherwise."""
     try:
         teacher = CodeSet(couplings_dir).meta.get("teacher", {})
     except (OSError, ValueError):
         return None
     return teacher if {k: teacher.get(k) for k in wanted} == wanted else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Guidance in a window of t
-# ----------------------------------------------------------------------------------------------------------
-
-def guidance(args):
-    """Quality and network passes for each guidance window at one scale, on a checkpoint with classes."""
-    b, start = GUIDANCE_BUDGETS[args.budget], clock()
-    refuse_to_replace(args, "guidance")
-    flow = load_flow(need(args.ckpt, "guidance needs --ckpt RUN/checkpoints/last.pt"), vfm.OBJECTIVES, "guidance")
-    if not flow.num_classes:
-        raise UserError(f"{args.ckpt}: trained without labels, so there is nothing to guide towards")
-    need_scoring(flow.dataset, args)
-    solver, steps = ("euler", 2 * b["steps"]) if flow.name == "dfm" else ("midpoint", b["steps"])
-    rows = []
-    for cfg, window in [(1.0, (0, 1))] + [(b["cfg_scale"], w) for w in b["windows"]]:
-        images, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver, cfg_scale=cfg,
-                                       cfg_interval=window)
-        rows.append(dict(cfg_scale=cfg, window=list(window), passes=vfm.guided_evaluations(steps, solver, cfg, window),
-                         seconds=round(seconds, 1), **score(images, labels, flow.dataset, args)))
-        r = rows[-1]
-        print(f"  guidance {cfg:g} on [{window[0]:g}, {window[1]:g}]: accuracy {r['accuracy']:.3f}  FID "
-              f"{r['fid']:.2f}  coverage {r['coverage']:.3f}  ({r['passes']} passes)", flush=True)
-    full = vfm.guided_evaluations(steps, solver, b["cfg_scale"])
-    table = files.markdown_table(
-        ["guidance", "window [lo, hi] of t", "network passes", "passes saved", "accuracy", "FID-LeNet", "coverage"],
-        [[f"{r['cfg_scale']:g}", f"[{r['window'][0]:g}, {r['window'][1]:g}]", r["passes"],
-          f"{1 - r['passes'] / full:.0%}" if r["cfg_scale"] != 1 else "-", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
-          f"{r['coverage']:.3f}"] for r in rows])
-    note = (f"{b['num_samples']} samples per row of {args.ckpt} ({flow.name}, step {flow.step}): {steps} {solver} "
-            f"steps, temperature 1, guidance only at the network evaluations with lo <= t <= hi (t = 0 is noise), "
-            f"one conditional pass elsewhere. Passes saved: against guidance everywhere ({full} passes). The first "
-            f"row is no guidance.")
-    return write_outputs(args, "guidance", table, note,
-                         dict(settings=b, seed=args.seed, ckpt=os.path.abspath(args.ckpt), solver=solver, steps=steps,
-                              rows=rows), start, {"guidance": figure_guidance(rows, flow, b)})
-
-
-def figure_guidance(rows, flow, b):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, metric, label in zip(axes, ("fid", "accuracy", "coverage"),
-                                 ("FID-LeNet (lower is better)", "accuracy", "coverage")):
-        for r in rows:
-            name = "no guidance" if r["cfg_scale"] == 1 else f"[{r['window'][0]:g}, {r['window'][1]:g}]"
-            ax.scatter(r["passes"], r[metric], s=14, c="k" if r["cfg_scale"] == 1 else "tab:blue")
-            ax.annotate(name, (r["passes"], r[metric]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("network passes per sample")
-        ax.set_ylabel(label)
-    fig.suptitle(f"{flow.dataset}, {flow.name}: guidance {b['cfg_scale']:g} only for t in a window", fontsize=10)
-    fig.tight_layout()
-    return files.figure(fig)

@@ -62,13 +62,17 @@ def test_dfm_samples_with_its_discrete_sampler(flow_ckpts, tmp_path):
     assert rc == 2 and "discrete Euler step only" in err and "Traceback" not in err
 
 
-def test_torchrun_gives_the_same_samples_as_one_process(flow_ckpts, tmp_path):
-    args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "4"]
+def test_torchrun_gives_the_same_samples_and_couplings_as_one_process(flow_ckpts, tmp_path):
+    args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "4",
+            "--couplings"]
     rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 sample.py", *args, "--out", tmp_path / "two")
     assert rc == 0, err[-2000:]
     sample.main([str(a) for a in args] + ["--out", str(tmp_path / "one")])
     two, one = load(tmp_path / "two"), load(tmp_path / "one")
     assert two["arr_0"].shape[0] == 13 and np.array_equal(two["arr_0"], one["arr_0"])
+    pairs = {n: CodeSet(str(tmp_path / n / "couplings")) for n in ("one", "two")}
+    assert all(np.array_equal(a, b) for a, b in zip(pairs["one"].get(np.arange(13)), pairs["two"].get(np.arange(13))))
+    assert np.array_equal(pairs["one"].get_noise(np.arange(13)), pairs["two"].get_noise(np.arange(13)))
 
 
 def test_bad_input(flow_ckpts, tmp_path):

@@ -17,7 +17,7 @@ import study
 import vfm
 from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli
 from data import CodeSet
-from studies import common, convergence, fewstep, solvers, temperature, uncertainty
+from studies import common, convergence, fewstep, guidance, solvers, temperature, uncertainty
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -274,7 +274,7 @@ def test_fewstep_on_codes(flow_ckpts, classifier, tmp_path, monkeypatch):
                  ("student", "euler", 2), ("student", "midpoint", 2), ("teacher", "euler", b["reference_steps"])]
     assert [(r[0], r[1], float(r[2]), int(r[3])) for r in rows] == [(m, s, c, n) for c in b["cfg_scales"]
                                                                    for m, s, n in per_scale]
-    assert [int(r[4]) for r in rows] == [n * (2 if float(r[2]) != 1 else 1) for r, n in zip(rows, [int(r[3]) for r in rows])]
+    assert [int(r[4]) for r in rows] == [int(r[3]) * (2 if float(r[2]) != 1 else 1) for r in rows]  # passes
     pairs = CodeSet(str(tmp_path / "couplings" / "couplings"))
     assert pairs.has_noise and len(pairs) == b["couplings"]
     assert {k: pairs.meta["teacher"][k] for k in ("steps", "solver", "cfg_scale", "seed")} == dict(
@@ -296,13 +296,34 @@ def test_fewstep_on_codes(flow_ckpts, classifier, tmp_path, monkeypatch):
     assert timeless(outputs(tmp_path, "fewstep-fashion-mnist")[1]["rows"]) == timeless(record["rows"])
 
 
+def test_studies_refuse_a_run_of_other_settings_and_retrain_a_student_of_other_couplings(
+        flow_ckpts, codes_dir, classifier, tmp_path, monkeypatch, capsys):
+    argv = ["convergence", "--data", "fashion-mnist", "--codes", str(codes_dir), *scoring(classifier), "--budget",
+            "tiny", "--out", str(tmp_path), "--objectives", "cfm"]
+    study.main(argv)
+    monkeypatch.setitem(convergence.IMAGE_BUDGETS, "tiny", dict(convergence.IMAGE_BUDGETS["tiny"], lr=2e-4))
+    capsys.readouterr()
+    line = one_line_error(capsys, study.main, argv + ["--force"])
+    assert f"{tmp_path / 'runs' / 'cfm'}: a run with --lr 0.0001, not 0.0002 as this study asks" in line
+
+    argv = ["fewstep", "--data", "fashion-mnist", "--ckpt", str(flow_ckpts["purrception"]), *scoring(classifier),
+            "--budget", "tiny", "--out", str(tmp_path / "f")]
+    study.main(argv)
+    student = tmp_path / "f" / "runs" / "student" / "checkpoints" / "last.pt"
+    first = flows.load_checkpoint(str(student))["model"]
+    monkeypatch.setitem(fewstep.IMAGE_BUDGETS, "tiny", dict(fewstep.IMAGE_BUDGETS["tiny"], coupling_cfg=1.0))
+    study.main(argv + ["--force"])  # other couplings: drawn again, and the student trained again on them
+    assert CodeSet(str(tmp_path / "f" / "couplings" / "couplings")).meta["teacher"]["cfg_scale"] == 1.0
+    assert any(not torch.equal(v, first[k]) for k, v in flows.load_checkpoint(str(student))["model"].items())
+
+
 def test_guidance_windows(flow_ckpts, classifier, tmp_path, monkeypatch):
-    drawn = drawn_by(monkeypatch, fewstep)
+    drawn = drawn_by(monkeypatch, guidance)
     ckpt = flow_ckpts["purrception"]
     study.main(["guidance", "--ckpt", str(ckpt), *scoring(classifier), "--budget", "tiny", "--seed", "1", "--out",
                 str(tmp_path)])
     (header, rows), record = outputs(tmp_path, "guidance")
-    b = fewstep.GUIDANCE_BUDGETS["tiny"]
+    b = guidance.BUDGETS["tiny"]
     assert header[:4] == ["guidance", "window [lo, hi] of t", "network passes", "passes saved"]
     assert [(r[0], r[1]) for r in rows] == [("1", "[0, 1]")] + [(f"{b['cfg_scale']:g}", f"[{lo:g}, {hi:g}]")
                                                                for lo, hi in b["windows"]]
@@ -446,7 +467,7 @@ def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier,
                                argv, message):
     for module in (convergence, temperature, solvers):
         monkeypatch.setattr(module, "draw", lambda *a, **k: pytest.fail("sampled before checking the input"))
-    monkeypatch.setattr(convergence.train, "train", lambda *a, **k: pytest.fail("trained before checking the input"))
+    monkeypatch.setattr(common.train, "train", lambda *a, **k: pytest.fail("trained before checking the input"))
     monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier first"))
     names = dict(codes=codes_dir, bad=bad, tokenizer=tokenizer_run / "tokenizer.pt", classifier=classifier,
                  **flow_ckpts)

@@ -267,7 +267,16 @@ def test_guidance_interval_guides_inside_and_makes_one_pass_outside(name, solver
 def test_bad_guidance_intervals_raise(spec):
     with pytest.raises(ValueError, match="expected LO:HI with 0 <= LO <= HI <= 1"):
         vfm.parse_cfg_interval(spec)
+
+
+def test_guidance_intervals_hold_their_ends_on_decimal_grids():
     assert vfm.parse_cfg_interval("0.25:0.75") == (0.25, 0.75) and vfm.parse_cfg_interval("0:1") == (0.0, 1.0)
+    times = vfm.evaluation_times(10, "euler")  # 0, 0.1, ..., 0.9 as linspace computes them
+    assert times[3] != 0.3  # 0.30000000000000004: the end must still hold it
+    assert [vfm.guidance_at(t, 2.0, (0.1, 0.3)) for t in times] == [1, 2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert vfm.guided_evaluations(10, "euler", 2.0, (0.1, 0.3)) == 13
+    assert vfm.guided_evaluations(10, "euler", 0.0, (0.1, 0.3)) == 10  # s = 0: one unconditional pass
+    assert vfm.guided_evaluations(10, "euler", 2.0, (0.1, 0.3), guidable=False) == 10
 
 
 def test_given_noise_is_where_the_sampler_starts_and_what_the_loss_uses():
@@ -283,8 +292,11 @@ def test_given_noise_is_where_the_sampler_starts_and_what_the_loss_uses():
     g = torch.Generator().manual_seed(0)
     _, _, t = obj.loss(lambda x, t, y: seen.append(x) or torch.zeros(3, 4, 5), codes, generator=g, z0=z0)
     assert torch.allclose(seen[0], vfm.interpolate(z0, obj.embed(codes), t))
-    with pytest.raises(ValueError, match="no noise to fix"):
-        vfm.DFM(torch.randn(5, 2)).loss(model, codes, z0=z0)
+    dfm = vfm.DFM(torch.randn(5, 2))
+    for call in (lambda: dfm.loss(model, codes, z0=z0), lambda: dfm.sample(model, (3, 4), z0=z0),
+                 lambda: dfm.noise((3, 4))):
+        with pytest.raises(ValueError, match="no noise to fix"):
+            call()
 
 
 # ---- the losses -------------------------------------------------------------------------------------------
