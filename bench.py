@@ -98,7 +98,7 @@ def time_training(name, dtype, compiled, args, device):
     loss_by_t = train.LossByT(device)
 
     def step():
-        train.train_step(model, raw_model, ema, objective, opt, scaler, autocast, [(codes, y)], lr=1e-4,
+        train.train_step(model, raw_model, ema, objective, opt, scaler, autocast, [(codes, y, None)], lr=1e-4,
                          grad_clip=1.0, ema_decay=0.9999, loss_by_t=loss_by_t)
 
     if device.type == "cuda":
