@@ -152,19 +152,24 @@ def checked_resume(args, codes, ckpt_path, rank):
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     with user_errors():
         ckpt = flows.load_checkpoint(ckpt_path)
-    trained_on = ckpt["codes_meta"]
+    check_fits(ckpt, ckpt_path, ckpt_path, args, codes, ("model", "objective", "seed", "codebook_scale"))
+    return ckpt
+
+
+def check_fits(ckpt, path, where, args, codes, keys):
+    """UserError (prefixed by `where`) unless the checkpoint at `path` was trained on codes like these (grid,
+    classes, codebook) and with these args' values of `keys`."""
     for key, what in (("grid", "code grid"), ("num_classes", "number of classes")):
-        if trained_on[key] != codes.meta[key]:  # grids are lists in both
-            raise UserError(f"{ckpt_path}: trained on codes with {what} {trained_on[key]}, but {args.codes} has "
+        if ckpt["codes_meta"][key] != codes.meta[key]:  # grids are lists in both
+            raise UserError(f"{where}: trained on codes with {what} {ckpt['codes_meta'][key]}, but {args.codes} has "
                             f"{codes.meta[key]}")
     with user_errors():
-        tokenizers.check_codebook(codes.codebook, ckpt["codebook"], ckpt_path)
+        tokenizers.check_codebook(codes.codebook, ckpt["codebook"], path)
     trained_with = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]))
-    for key in ("model", "objective", "seed", "codebook_scale"):
+    for key in keys:
         if trained_with[key] != getattr(args, key):
-            raise UserError(f"{ckpt_path}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
+            raise UserError(f"{where}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
                             f"{getattr(args, key)}")
-    return ckpt
 
 
 def check_couplings(args, codes):
@@ -187,17 +192,8 @@ def initial_weights(args, codes, model):
     """The EMA weights of --init (a reflow student starts from its teacher), checked against this run."""
     with user_errors():
         ckpt = flows.load_checkpoint(args.init)
-    teacher = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]))
-    for key in ("model", "objective", "codebook_scale"):
-        if teacher[key] != getattr(args, key):
-            raise UserError(f"--init {args.init}: trained with --{key.replace('_', '-')} {teacher[key]}, not "
-                            f"{getattr(args, key)}")
-    for key, what in (("grid", "code grid"), ("num_classes", "number of classes")):
-        if ckpt["codes_meta"][key] != codes.meta[key]:
-            raise UserError(f"--init {args.init}: trained on codes with {what} {ckpt['codes_meta'][key]}, but "
-                            f"{args.codes} has {codes.meta[key]}")
+    check_fits(ckpt, args.init, f"--init {args.init}", args, codes, ("model", "objective", "codebook_scale"))
     with user_errors():
-        tokenizers.check_codebook(codes.codebook, ckpt["codebook"], args.init)
         flows.check_weights(args.init, ckpt["ema"], model, ckpt["args"])
     return ckpt["ema"]
 

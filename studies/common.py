@@ -122,6 +122,28 @@ def figure_metrics_vs(rows, series_key, x_key, series, title, xlabel, reference=
     return files.figure(fig)
 
 
+def figure_tv_vs_nfe(b, rows, exact, colors, title):
+    """On the toys: TV against network evaluations, a panel per toy, a line per (model, solver) of rows (a
+    colour per model), beside the TV of exact draws."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(b["toys"]), figsize=(5.2 * len(b["toys"]), 4), squeeze=False)
+    styles = {"euler": "-o", "heun": "-s", "midpoint": "-^", "discrete euler": "--D"}
+    for ax, toy_name in zip(axes[0], b["toys"]):
+        mine = [r for r in rows if r["toy"] == toy_name]
+        for series in dict.fromkeys((r["model"], r["solver"]) for r in mine):
+            pts = sorted({r["nfe"]: r["tv"] for r in mine if (r["model"], r["solver"]) == series}.items())
+            ax.plot(*zip(*pts), styles[series[1]], c=colors[series[0]], ms=4, label=", ".join(series))
+        ax.axhline(exact[toy_name], c="0.5", ls=":", lw=1, label=f"{b['num_samples']} exact draws")
+        log_ticks(ax, b["nfe"])
+        log_y(ax)
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.set_ylabel(f"TV to p(c) ({b['num_samples']} samples)")
+        ax.set_title(f"{toy_name}: {title}", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return files.figure(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Trained flows: loading, sampling, scoring
 # ----------------------------------------------------------------------------------------------------------

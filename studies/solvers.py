@@ -14,8 +14,8 @@ import torch
 import files
 import vfm
 from cli import UserError
-from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y,
-                            need, need_scoring, pyplot, refuse_to_replace, score, write_outputs)
+from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, figure_tv_vs_nfe, load_flow, need,
+                            need_scoring, refuse_to_replace, score, write_outputs)
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -108,24 +108,8 @@ def on_toys(args):
 
 
 def figure_toys(b, rows, exact):
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(b["toys"]), figsize=(5.2 * len(b["toys"]), 4), squeeze=False)
-    styles = {"euler": "-o", "heun": "-s", "midpoint": "-^", "discrete euler": "--D"}
-    colors = {"oracle": "k", "purrception": "tab:blue", "dfm": "tab:red"}
-    for ax, toy_name in zip(axes[0], b["toys"]):
-        mine = [r for r in rows if r["toy"] == toy_name]
-        for series in dict.fromkeys((r["model"], r["solver"]) for r in mine):
-            pts = [(r["nfe"], r["tv"]) for r in mine if (r["model"], r["solver"]) == series]
-            ax.plot(*zip(*pts), styles[series[1]], c=colors[series[0]], ms=4, label=", ".join(series))
-        ax.axhline(exact[toy_name], c="0.5", ls=":", lw=1, label=f"{b['num_samples']} exact draws")
-        log_ticks(ax, b["nfe"])
-        log_y(ax)
-        ax.set_xlabel("network evaluations (NFE)")
-        ax.set_ylabel(f"TV to p(c) ({b['num_samples']} samples)")
-        ax.set_title(f"{toy_name}: quality vs NFE", fontsize=10)
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    return files.figure(fig)
+    return figure_tv_vs_nfe(b, rows, exact, {"oracle": "k", "purrception": "tab:blue", "dfm": "tab:red"},
+                            "quality vs NFE")
 
 
 # ----------------------------------------------------------------------------------------------------------
