@@ -11,6 +11,7 @@ steps beyond the paper (a few-step student, guidance in a window):
     python study.py fewstep --data toy                             # a reflow student at 1, 2, 4 evaluations
     python study.py fewstep --data fashion-mnist --ckpt TEACHER.pt --data-dir DIR
     python study.py guidance --ckpt RUN/checkpoints/last.pt --data-dir DIR        # guidance only in a window of t
+    python study.py codebook --codes CODES_K256,CODES_K1024,... --data-dir DIR    # (1) against the codebook size
 
 Claims (arXiv 2510.01478): (1) Purrception converges faster than CFM, CFM-endpoint and DFM trained with the
 same backbone and budget; (2) the softmax temperature is a training-free quality knob with a U-shaped curve;
@@ -37,7 +38,7 @@ import sys
 
 import vfm
 from cli import ArgumentParser, check_seed, make_dir, run_command
-from studies import convergence, fewstep, guidance, solvers, temperature, uncertainty
+from studies import codebook, convergence, fewstep, guidance, solvers, temperature, uncertainty
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 
@@ -60,6 +61,9 @@ BUDGET_HELP = {
                "DiT-T/1 (10,000 couplings at 8 guided midpoint steps, about 9 minutes; 2,000 student steps of batch "
                "32, about 4 minutes; 22 rows of 1,000 samples, the two at 100 Euler steps the longest). Stopped, "
                "it resumes: the couplings and the student's run in --out are reused.",
+    "codebook": "CPU budget at --budget full, on 2 cores: for each code set and objective, 3,000 DiT-T/1 steps of "
+                "batch 32 and 1,000 samples of 100 Euler steps; the steps cost more as K grows (measured: see "
+                "RESULTS.md). Stopped, it resumes where it was, as convergence does.",
     "guidance": "CPU budget at --budget full, on 2 cores: about 8 minutes for DiT-T/1 (10 rows of 1,000 samples "
                 "of 8 midpoint steps).",
 }
@@ -83,28 +87,36 @@ def parse_args(argv=None):
              "solvers": "(3) quality vs network evaluations for Euler, Heun, midpoint (and DFM)",
              "uncertainty": "the posterior's per-token entropy along the sampling path",
              "fewstep": "a reflow student against its teacher at 1, 2 and 4 network evaluations",
-             "guidance": "guidance only for t in a window: quality and network passes"}
+             "guidance": "guidance only for t in a window: quality and network passes",
+             "codebook": "(1) against the codebook size K: the objectives at one budget on code sets of several K"}
     parsers = {name: sub.add_parser(name, parents=[common], help=helps[name], description=helps[name] + ". " +
                                     BUDGET_HELP[name]) for name in helps}
     for name in ("convergence", "solvers", "fewstep"):
         parsers[name].add_argument("--data", choices=("toy",) + IMAGE_DATASETS, default="toy",
                                    help="the 2D toys, or images through a VQ code set")
     parsers["convergence"].add_argument("--codes", help="a code set of `python vq.py encode` (image data)")
+    parsers["codebook"].add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist",
+                                     help="the dataset of the code sets")
+    parsers["codebook"].add_argument("--codes", help="comma-separated code sets of `python vq.py encode`, one per "
+                                     "codebook size, on one grid")
     parsers["convergence"].add_argument("--schedule", choices=("one-run", "per-budget"),
                                         help="toys: score one run along the way (one-run, the default), or train a "
                                         "separate run per iteration count, each with its learning-rate schedule "
                                         "completed (per-budget)")
     parsers["convergence"].add_argument("--objectives", help="a comma-separated subset of "
                                         f"{','.join(vfm.OBJECTIVES)} (default: all four)")
-    parsers["convergence"].add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
-                                        help="the flow runs on the raw codebook (the paper's) or on E / rms(E)")
+    parsers["codebook"].add_argument("--objectives", help="a comma-separated subset of "
+                                     f"{','.join(vfm.OBJECTIVES)} (default: {codebook.DEFAULT_OBJECTIVES})")
+    for name in ("convergence", "codebook"):
+        parsers[name].add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
+                                   help="the flow runs on the raw codebook (the paper's) or on E / rms(E)")
     for name in ("temperature", "solvers", "uncertainty"):
         parsers[name].add_argument("--ckpt", help="a Purrception checkpoint of train.py (RUN/checkpoints/last.pt)")
     parsers["fewstep"].add_argument("--ckpt", help="the teacher: a Purrception, CFM or CFM-endpoint checkpoint of "
                                     "train.py (image data)")
     parsers["guidance"].add_argument("--ckpt", help="a checkpoint of train.py with classes (any objective)")
     parsers["solvers"].add_argument("--dfm-ckpt", help="a DFM checkpoint: its discrete sampler at the same NFE")
-    for name in ("convergence", "temperature", "solvers", "fewstep", "guidance"):
+    for name in ("convergence", "temperature", "solvers", "fewstep", "guidance", "codebook"):
         parsers[name].add_argument("--data-dir", help="the dataset's IDX files, for scoring images (evaluate.py)")
         parsers[name].add_argument("--classifier", help="evaluate.py's classifier file (default: its cache, "
                                    "trained on first use)")
@@ -114,7 +126,7 @@ def parse_args(argv=None):
 
 
 COMMANDS = {"convergence": convergence.run, "temperature": temperature.run, "solvers": solvers.run,
-            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": guidance.run}
+            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": guidance.run, "codebook": codebook.run}
 
 
 def run(args):

@@ -205,24 +205,13 @@ def on_codes(args):
     if dataset != args.data:
         raise UserError(f"{codes_dir}: a code set of {dataset}, not of --data {args.data}")
     need_scoring(dataset, args)
-    argvs = {}  # every run checked before any work
-    for objective in args.objectives:
-        run_dir = os.path.join(args.out, "runs", objective)
-        argvs[objective] = [
-            "--codes", codes_dir, "--model", b["model"], "--objective", objective, "--out", run_dir,
-            "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
-            "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
-            "--keep-every", b["keep_every"], "--ckpt-every", b["keep_every"], "--log-every", b["keep_every"],
-            "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
-        train_args(argvs[objective])
+    argvs = {objective: run_argv(codes_dir, objective, os.path.join(args.out, "runs", objective), b, args)
+             for objective in args.objectives}  # every run checked before any work
     reference = reconstruction_reference(codes, b["num_samples"], args)
     rows, runs = [], {}
     for objective in args.objectives:
         run_dir = os.path.join(args.out, "runs", objective)
-        print(f"training {objective}: python train.py {' '.join(map(str, argvs[objective]))}", flush=True)
-        t0 = time.time()
-        train.train(train_args(argvs[objective]))
-        runs[objective] = dict(train_seconds=round(time.time() - t0, 1), seconds_per_step=seconds_per_step(run_dir))
+        runs[objective] = train_run(objective, argvs[objective])
         for step in range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]):
             rows.append(score_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}.pt"), objective,
                                          step, b, dataset, args))
@@ -245,6 +234,29 @@ def on_codes(args):
                          dict(settings=b, dataset=dataset, codes=os.path.abspath(codes_dir),
                               codebook_scale=args.codebook_scale, runs=runs, reference=reference, rows=rows), start,
                          {"convergence-" + args.data: plot})
+
+
+def run_argv(codes_dir, objective, run_dir, b, args):
+    """train.py's flags for one objective's run of the image study in run_dir (checked against a run already
+    there): the budget's settings, a checkpoint kept every keep_every steps, the learning rate held after warm-up
+    (so that the checkpoint of step N is what an N-step run gives)."""
+    ckpt_every = b.get("ckpt_every", b["keep_every"])
+    argv = ["--codes", codes_dir, "--model", b["model"], "--objective", objective, "--out", run_dir,
+            "--steps", b["train_steps"], "--batch-size", b["batch_size"], "--lr", b["lr"],
+            "--warmup-steps", b["warmup"], "--ema-decay", b["ema_decay"], "--ema-warmup", "--seed", args.seed,
+            "--keep-every", b["keep_every"], "--ckpt-every", ckpt_every, "--log-every", ckpt_every,
+            "--sample-every", 0, "--codebook-scale", args.codebook_scale, "--resume"]
+    train_args(argv)
+    return argv
+
+
+def train_run(objective, argv):
+    """Train (or resume, or find finished) one run of the image study: {train_seconds, seconds_per_step}."""
+    print(f"training {objective}: python train.py {' '.join(map(str, argv))}", flush=True)
+    t0 = time.time()
+    args = train_args(argv)
+    train.train(args)
+    return dict(train_seconds=round(time.time() - t0, 1), seconds_per_step=seconds_per_step(args.out))
 
 
 def score_checkpoint(path, objective, step, b, dataset, args):

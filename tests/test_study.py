@@ -17,7 +17,7 @@ import study
 import vfm
 from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli
 from data import CodeSet
-from studies import common, convergence, fewstep, guidance, solvers, temperature, uncertainty
+from studies import codebook, common, convergence, fewstep, guidance, solvers, temperature, uncertainty
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -253,6 +253,47 @@ def test_convergence_on_codes_resumes_with_the_scores_it_has(codes_dir, classifi
     assert len(drawn) == 1
 
 
+@pytest.fixture(scope="module")
+def codes_k32(tmp_path_factory):
+    """The same 512 images on the same grid, coded by a tokenizer of K = 32 codes."""
+    import vq
+    tokenizer, out = tmp_path_factory.mktemp("vq-k32"), tmp_path_factory.mktemp("codes-k32") / "codes"
+    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tokenizer), "--limit",
+             "512", "--steps", "20", "--batch-size", "64", "--codebook-size", "32"])
+    vq.main(["encode", "--tokenizer", str(tokenizer / "tokenizer.pt"), "--dataset", "fashion-mnist", "--data-dir",
+             FASHION_MNIST, "--split", "train", "--limit", "512", "--out", str(out)])
+    return out
+
+
+def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch):
+    """Each objective on each code set, smallest K first, its last checkpoint scored as sample.py and evaluate.py
+    score it; run again, it reuses the runs and their scores."""
+    drawn = drawn_by(monkeypatch, convergence)
+    argv = ["codebook", "--codes", f"{codes_dir},{codes_k32}", *scoring(classifier), "--budget", "tiny", "--out",
+            str(tmp_path), "--objectives", "dfm,purrception"]
+    study.main(argv)
+    (header, rows), record = outputs(tmp_path, "codebook-fashion-mnist")
+    assert header == ["K", "objective", "accuracy", "FID-LeNet", "s/step (train)"]
+    assert [(int(r[0]), r[1]) for r in rows] == [(k, o) for k in (32, 256) for o in
+                                                 ("purrception", "dfm", "VQ reconstructions (ceiling)")]
+    assert record["references"]["32"]["codes"] == str(codes_k32) and record["references"]["256"]["codes"] == str(codes_dir)
+    b = codebook.BUDGETS["tiny"]
+    assert len(drawn) == 4
+    for row, images in zip(record["rows"], drawn):
+        k, objective = row["codebook_size"], row["objective"]
+        ckpt = tmp_path / "runs" / f"K{k}" / objective / "checkpoints" / f"step-{b['train_steps']:07d}.pt"
+        state = flows.load_checkpoint(str(ckpt))
+        assert state["args"]["objective"] == objective and state["args"]["codes"] == str(
+            codes_k32 if k == 32 else codes_dir)
+        assert flows.Flow(str(ckpt)).objective.num_codes == k
+        if (k, objective) == (32, "purrception"):
+            check_row(row, images, ckpt, tmp_path / "check", classifier, "--num-samples", b["num_samples"],
+                      "--steps", b["steps"], "--seed", 0)
+    drawn.clear()
+    study.main(argv + ["--force"])
+    assert drawn == [] and outputs(tmp_path, "codebook-fashion-mnist")[1]["rows"] == record["rows"]
+
+
 @pytest.mark.parametrize("spec", ["cfm,nope", ","])
 def test_convergence_objectives_must_be_known(spec, tmp_path, capsys):
     line = one_line_error(capsys, study.main, ["convergence", "--data", "toy", "--budget", "tiny", "--out",
@@ -432,6 +473,14 @@ def bad(flow_ckpts, tmp_path_factory):
      "--schedule is for --data toy"),
     (["convergence", "--data", "toy", "--codes", "{codes}"], "--codes is for --data fashion-mnist"),
     (["convergence", "--data", "mnist", "--codes", "{codes}", "--data-dir", FASHION_MNIST], "not of --data mnist"),
+    (["codebook", "--data-dir", FASHION_MNIST], "codebook needs --codes"),
+    (["codebook", "--codes", "{codes}", "--data-dir", FASHION_MNIST], "expected two or more code sets"),
+    (["codebook", "--codes", "{codes},{codes}", "--data-dir", FASHION_MNIST],
+     "{codes}: K = 256, as {codes}; give one code set per codebook size"),
+    (["codebook", "--data", "mnist", "--codes", "{codes},{codes}", "--data-dir", FASHION_MNIST],
+     "{codes}: a code set of fashion-mnist, not of --data mnist"),
+    (["codebook", "--codes", "{codes},{bad}/empty", "--data-dir", FASHION_MNIST],
+     "{bad}/empty/meta.json: missing; expected a code set"),
     # numbers
     (["uncertainty", "--ckpt", "{purrception}", "--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
     (["solvers", "--seed", str(2**32)], f"--seed {2**32}: expected an integer in [0, 2^32)"),
