@@ -267,15 +267,11 @@ class CodeSet:
         """Codes (B, h, w) int64 and labels (B,) int64 for global indices; views (B,) picks a stored view each."""
         indices = np.asarray(indices)
         views = np.zeros(len(indices), dtype=np.int64) if views is None else np.asarray(views)
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
         codes = np.empty((len(indices),) + self.grid, dtype=np.int64)
         labels = np.empty(len(indices), dtype=np.int64)
-        for s in np.unique(shard):
-            rows = np.nonzero(shard == s)[0]
-            local = indices[rows] - self.offsets[s]
-            order = np.argsort(local)  # memory maps read fastest in increasing order
-            codes[rows[order]] = self.codes[s][local[order], views[rows[order]]]
-            labels[rows[order]] = self.labels[s][local[order]]
+        for s, rows, local in self._by_shard(indices):
+            codes[rows] = self.codes[s][local, views[rows]]
+            labels[rows] = self.labels[s][local]
             # checked as they are read: a whole 1.28M-image set is too large to scan up front
             if codes[rows].max(initial=0) >= self.num_codes:
                 raise ValueError(f"{shard_paths(self.dir, s)[0]}: a code index {codes[rows].max()} is out of range "
@@ -288,12 +284,20 @@ class CodeSet:
     def get_noise(self, indices):
         """The noise (B, h, w, d) float32 of a coupling set's grids at global indices."""
         indices = np.asarray(indices)
-        shard = np.searchsorted(self.offsets, indices, side="right") - 1
         noise = np.empty((len(indices), *self.grid, self.meta["code_dim"]), dtype=np.float32)
+        for s, rows, local in self._by_shard(indices):
+            noise[rows] = self.noise[s][local]
+        return noise
+
+    def _by_shard(self, indices):
+        """(shard, rows of `indices` in that shard, their positions in the shard) for each shard they touch, the
+        positions in increasing order: memory maps read fastest that way."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
         for s in np.unique(shard):
             rows = np.nonzero(shard == s)[0]
-            noise[rows] = self.noise[s][indices[rows] - self.offsets[s]]
-        return noise
+            local = indices[rows] - self.offsets[s]
+            order = np.argsort(local)
+            yield s, rows[order], local[order]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import os
 import numpy as np
 
 import files
-import vfm
 from cli import UserError, user_errors
 from data import CodeSet
 from studies.common import (clock, log_ticks, log_y, metric_panels, need, need_scoring, pyplot, refuse_to_replace,
                             write_outputs)
-from studies.convergence import (IMAGE_BUDGETS, parse_objectives, reconstruction_reference, run_argv,
+from studies.convergence import (IMAGE_BUDGETS, OBJECTIVE_COLORS, parse_objectives, reconstruction_reference, run_argv,
                                  score_checkpoint, train_run)
 
 # The convergence study's image settings, with one checkpoint kept (and scored): the last.
@@ -51,11 +50,12 @@ def run(args):
                                                                  args), seconds_per_step=cost["seconds_per_step"]))
             r = rows[-1]
             print(f"  K = {k:<6} {objective:<13} step {b['train_steps']}: accuracy {r['accuracy']:.3f}  FID "
-                  f"{r['fid']:.2f}  ({r['seconds_per_step']:.3f} s/step)", flush=True)
+                  f"{r['fid']:.2f}", flush=True)
     table = files.markdown_table(
         ["K", "objective", "accuracy", "FID-LeNet", "s/step (train)"],
         [row for k in sets for row in
-         [[k, r["objective"], f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", f"{r['seconds_per_step']:.3f}"]
+         [[k, r["objective"], f"{r['accuracy']:.3f}", f"{r['fid']:.2f}",
+           "-" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.3f}"]
           for r in rows if r["codebook_size"] == k] +
          [[k, "VQ reconstructions (ceiling)", f"{references[k]['accuracy']:.3f}", f"{references[k]['fid']:.2f}", "-"]]])
     note = (f"{b['model']} after {b['train_steps']} steps, batch {b['batch_size']}, lr {b['lr']} ({b['warmup']} "
@@ -72,26 +72,35 @@ def run(args):
 def code_sets(spec, dataset):
     """{K: (path, CodeSet)} of a comma-separated list of code sets of `dataset`, one per codebook size, smallest
     K first."""
-    sets = {}
+    sets, first = {}, None
     for path in [p.strip() for p in spec.split(",") if p.strip()]:
         with user_errors():
             codes = CodeSet(path)
         if codes.meta.get("dataset") != dataset:
             raise UserError(f"{path}: a code set of {codes.meta.get('dataset')}, not of --data {dataset}")
+        if codes.has_noise:
+            raise UserError(f"{path}: a coupling set of `sample.py --couplings`; expected the code set of a "
+                            f"tokenizer (`vq.py encode`)")
         k = codes.num_codes
         if k in sets:
             raise UserError(f"{path}: K = {k}, as {sets[k][0]}; give one code set per codebook size")
+        # only the codebook may differ: the same images, coded on the same grid
+        first = first or (path, codes)
+        for name, value in (("grid", codes.grid), ("split", codes.meta.get("split")),
+                            ("num_images", len(codes)), ("views", codes.views)):
+            theirs = dict(grid=first[1].grid, split=first[1].meta.get("split"), num_images=len(first[1]),
+                          views=first[1].views)[name]
+            if value != theirs:
+                raise UserError(f"{path}: {name} {value}, against {theirs} in {first[0]}; the study compares "
+                                f"codebook sizes on code sets of the same images and grid")
         sets[k] = (path, codes)
     if len(sets) < 2:
         raise UserError(f"--codes {spec}: expected two or more code sets (one per codebook size), comma-separated")
-    grids = {c.grid for _, c in sets.values()}
-    if len(grids) > 1:
-        raise UserError(f"--codes {spec}: code sets of grids " + ", ".join("x".join(map(str, g)) for g in grids) +
-                        "; the study compares codebook sizes on one grid")
     return dict(sorted(sets.items()))
 
 
 def run_dir(args, k, objective):
+    """OUT/runs/K{K}/OBJECTIVE: one training run of the study."""
     return os.path.join(args.out, "runs", f"K{k}", objective)
 
 
@@ -101,11 +110,10 @@ def figure(rows, references, objectives, b, dataset):
     fig, axes = metric_panels(plt, f"{dataset}: quality after {b['train_steps']} steps ({b['model']}, batch "
                                    f"{b['batch_size']}) vs the codebook size K")
     ks = sorted(references)
-    colors = dict(zip(vfm.OBJECTIVES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for ax, metric in zip(axes, ("accuracy", "fid")):
         for objective in objectives:
             points = sorted((r["codebook_size"], r[metric]) for r in rows if r["objective"] == objective)
-            ax.plot(*zip(*points), "-o", ms=4, c=colors[objective], label=objective)
+            ax.plot(*zip(*points), "-o", ms=4, c=OBJECTIVE_COLORS[objective], label=objective)
         ax.plot(ks, [references[k][metric] for k in ks], "--s", c="k", ms=3, lw=1, label="VQ reconstructions")
         log_ticks(ax, ks)
         if metric == "fid" and np.all([r["fid"] > 0 for r in rows]):

@@ -42,6 +42,7 @@ IMAGE_BUDGETS = {
                  ema_decay=0.999, num_samples=1000, steps=100),
 }
 KL_TIMES = [0.1, 0.3, 0.5, 0.7, 0.9]
+OBJECTIVE_COLORS = dict(zip(vfm.OBJECTIVES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
 
 
 def run(args):
@@ -163,14 +164,13 @@ def figure_toys(args, b, rows, reference):
     if "checkerboard" in b["toys"] and "purrception" in args.objectives:
         panels.append(("checkerboard", "kl"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    colors = dict(zip(vfm.OBJECTIVES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for ax, (toy_name, key) in zip(axes, panels):
         for method in args.objectives if key == "tv" else ("purrception",):
             by_iter = [[r[key] for r in rows if (r["toy"], r["method"], r["iters"]) == (toy_name, method, it)]
                        for it in b["iters"]]
             mean = [np.mean(v) for v in by_iter]
-            ax.plot(b["iters"], mean, "-o", ms=3, c=colors[method], label=method)
-            ax.fill_between(b["iters"], [min(v) for v in by_iter], [max(v) for v in by_iter], color=colors[method],
+            ax.plot(b["iters"], mean, "-o", ms=3, c=OBJECTIVE_COLORS[method], label=method)
+            ax.fill_between(b["iters"], [min(v) for v in by_iter], [max(v) for v in by_iter], color=OBJECTIVE_COLORS[method],
                             alpha=0.2, lw=0)
         if key == "tv":
             ax.axhline(reference[toy_name]["oracle_tv"], c="k", ls="--", lw=1, label="oracle sampler")

@@ -21,8 +21,8 @@ import train
 import vfm
 from cli import UserError, user_errors
 from data import CodeSet
-from studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, figure_tv_vs_nfe, load_flow, need,
-                            need_scoring, refuse_to_replace, score, train_args, write_outputs)
+from studies.common import (SAMPLE_BATCH, clock, draw, figure_tv_vs_nfe, load_flow, log_ticks, log_y, metric_panels,
+                            need, need_scoring, pyplot, refuse_to_replace, score, train_args, write_outputs)
 from studies.solvers import steps_for_nfe
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
@@ -197,15 +197,37 @@ def on_codes(args):
             f"{b['coupling_cfg']:g} ({costs['couplings_seconds_per_sample'] * 1000:.1f} ms each). NFE: network "
             f"evaluations; network passes: with guidance two per evaluation. ms/sample: sampling and decoding on "
             f"this machine's CPU, batches of {SAMPLE_BATCH}.")
-    for r in rows:
-        r["series"] = f"{r['model']}, {r['solver']}, guidance {r['cfg_scale']:g}"
-    plot = figure_metrics_vs([r for r in rows if r["nfe"] <= max(b["nfe"])], "series", "nfe",
-                             list(dict.fromkeys(r["series"] for r in rows)),
-                             f"{teacher.dataset}: teacher and reflow student vs network evaluations",
-                             "network evaluations (NFE)", log_x=b["nfe"])
+    plot = figure_images(rows, b, f"{teacher.dataset}: teacher and reflow student vs network evaluations")
     return write_outputs(args, "fewstep-" + args.data, table, note,
                          dict(settings=b, seed=args.seed, ckpt=os.path.abspath(ckpt), costs=costs, rows=rows), start,
                          {"fewstep-" + args.data: plot})
+
+
+def figure_images(rows, b, title):
+    """Accuracy and FID-LeNet against NFE: a colour per model, a line style per guidance scale, a marker per
+    solver; the teacher's many-step rows as horizontal lines."""
+    plt = pyplot()
+    fig, axes = metric_panels(plt, title)
+    colors, markers = {"teacher": "tab:blue", "student": "tab:orange"}, {"euler": "o", "midpoint": "^"}
+    styles = dict(zip(b["cfg_scales"], ("-", "--", ":")))
+    for ax, metric in zip(axes, ("accuracy", "fid")):
+        for model, solver, cfg in dict.fromkeys((r["model"], r["solver"], r["cfg_scale"]) for r in rows):
+            mine = sorted((r["nfe"], r[metric]) for r in rows if (r["model"], r["solver"], r["cfg_scale"]) ==
+                          (model, solver, cfg) and r["nfe"] <= max(b["nfe"]))
+            if mine:
+                ax.plot(*zip(*mine), styles[cfg], marker=markers[solver], c=colors[model], ms=5,
+                        label=f"{model}, {solver}, guidance {cfg:g}")
+        for r in rows:
+            if r["nfe_target"] == b["reference_steps"]:
+                ax.axhline(r[metric], c="0.4", ls=styles[r["cfg_scale"]], lw=1,
+                           label=f"teacher, {r['steps']} Euler steps, guidance {r['cfg_scale']:g}")
+        log_ticks(ax, b["nfe"])
+        if metric == "fid":
+            log_y(ax)
+        ax.set_xlabel("network evaluations (NFE)")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return files.figure(fig)
 
 
 def made_by(couplings_dir, wanted):

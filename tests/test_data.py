@@ -107,6 +107,24 @@ def test_code_set_round_trip_across_shards(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_coupling_set_noise_follows_its_codes_across_shards(tmp_path):
+    """Unsorted and repeated indices over three shards: each grid comes back with its own noise and label."""
+    rng = np.random.default_rng(1)
+    sizes = (4, 1, 3)
+    codes = [rng.integers(0, 50, (n, 1, 2, 3)) for n in sizes]
+    labels = [rng.integers(0, 10, n) for n in sizes]
+    noise = [rng.normal(size=(n, 2, 3, 5)).astype(np.float32) for n in sizes]
+    for i in range(3):
+        data.write_shard(str(tmp_path), i, codes[i], labels[i], noise=noise[i])
+    data.write_meta(str(tmp_path), rng.normal(size=(50, 5)), 3, grid=[2, 3], num_classes=10, views=1, noise=True)
+    cs = data.CodeSet(str(tmp_path))
+    idx = np.array([6, 0, 4, 7, 3, 0, 5, 1])
+    got_codes, got_labels = cs.get(idx)
+    all_codes, all_labels, all_noise = (np.concatenate(x) for x in (codes, labels, noise))
+    assert np.array_equal(got_codes, all_codes[idx, 0]) and np.array_equal(got_labels, all_labels[idx])
+    assert np.array_equal(cs.get_noise(idx), all_noise[idx])
+
+
 def test_code_set_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json: missing; expected a code set"):
         data.CodeSet(str(tmp_path))

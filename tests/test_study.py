@@ -254,15 +254,26 @@ def test_convergence_on_codes_resumes_with_the_scores_it_has(codes_dir, classifi
 
 
 @pytest.fixture(scope="module")
-def codes_k32(tmp_path_factory):
-    """The same 512 images on the same grid, coded by a tokenizer of K = 32 codes."""
+def tokenizer_k32(tmp_path_factory):
+    """A tokenizer of K = 32 codes on the same 512 images and grid as the session's."""
     import vq
-    tokenizer, out = tmp_path_factory.mktemp("vq-k32"), tmp_path_factory.mktemp("codes-k32") / "codes"
-    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tokenizer), "--limit",
+    out = tmp_path_factory.mktemp("vq-k32")
+    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out), "--limit",
              "512", "--steps", "20", "--batch-size", "64", "--codebook-size", "32"])
-    vq.main(["encode", "--tokenizer", str(tokenizer / "tokenizer.pt"), "--dataset", "fashion-mnist", "--data-dir",
-             FASHION_MNIST, "--split", "train", "--limit", "512", "--out", str(out)])
+    return out / "tokenizer.pt"
+
+
+def encode(tokenizer, out, limit):
+    import vq
+    vq.main(["encode", "--tokenizer", str(tokenizer), "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
+             "--split", "train", "--limit", str(limit), "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="module")
+def codes_k32(tokenizer_k32, tmp_path_factory):
+    """The session's 512 images coded by the tokenizer of K = 32."""
+    return encode(tokenizer_k32, tmp_path_factory.mktemp("codes-k32") / "codes", 512)
 
 
 def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch):
@@ -286,12 +297,24 @@ def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch)
         assert state["args"]["objective"] == objective and state["args"]["codes"] == str(
             codes_k32 if k == 32 else codes_dir)
         assert flows.Flow(str(ckpt)).objective.num_codes == k
-        if (k, objective) == (32, "purrception"):
-            check_row(row, images, ckpt, tmp_path / "check", classifier, "--num-samples", b["num_samples"],
+        if objective == "purrception":
+            check_row(row, images, ckpt, tmp_path / f"check-{k}", classifier, "--num-samples", b["num_samples"],
                       "--steps", b["steps"], "--seed", 0)
     drawn.clear()
     study.main(argv + ["--force"])
     assert drawn == [] and outputs(tmp_path, "codebook-fashion-mnist")[1]["rows"] == record["rows"]
+
+
+def test_codebook_sizes_of_other_images_or_couplings_are_one_line(codes_dir, tokenizer_k32, couplings_dir,
+                                                                   tmp_path, capsys):
+    fewer = encode(tokenizer_k32, tmp_path / "codes-256-images", 256)
+    capsys.readouterr()  # the encoder's progress bar
+    for codes, message in [(fewer, f"{fewer}: num_images 256, against 512 in {codes_dir}; the study compares"),
+                           (couplings_dir / "couplings", "a coupling set of `sample.py --couplings`")]:
+        line = one_line_error(capsys, study.main, ["codebook", "--codes", f"{codes_dir},{codes}", "--data-dir",
+                                                   FASHION_MNIST, "--budget", "tiny", "--out", tmp_path / "out"])
+        assert message in line
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.parametrize("spec", ["cfm,nope", ","])
