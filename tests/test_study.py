@@ -281,7 +281,7 @@ def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch)
     score it; run again, it reuses the runs and their scores."""
     drawn = drawn_by(monkeypatch, convergence)
     argv = ["codebook", "--codes", f"{codes_dir},{codes_k32}", *scoring(classifier), "--budget", "tiny", "--out",
-            str(tmp_path), "--objectives", "dfm,purrception"]
+            str(tmp_path), "--objectives", "dfm,purrception", "--codebook-scale", "rms"]
     study.main(argv)
     (header, rows), record = outputs(tmp_path, "codebook-fashion-mnist")
     assert header == ["K", "objective", "accuracy", "FID-LeNet", "s/step (train)"]
@@ -296,6 +296,7 @@ def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch)
         state = flows.load_checkpoint(str(ckpt))
         assert state["args"]["objective"] == objective and state["args"]["codes"] == str(
             codes_k32 if k == 32 else codes_dir)
+        assert state["args"]["codebook_scale"] == "rms" and record["codebook_scale"] == "rms"
         assert flows.Flow(str(ckpt)).objective.num_codes == k
         if objective == "purrception":
             check_row(row, images, ckpt, tmp_path / f"check-{k}", classifier, "--num-samples", b["num_samples"],
