@@ -43,9 +43,9 @@ from studies import codebook, convergence, fewstep, guidance, solvers, temperatu
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 
 BUDGET_HELP = {
-    "convergence": "CPU budget at --budget full, on 2 cores: --data toy about 15 minutes (2 toys x 4 objectives x 2 "
+    "convergence": "CPU budget at --budget full: --data toy about 10 minutes of one core (2 toys x 4 objectives x 2 "
                    "seeds, 3,200 iterations of batch 512, scored at 6 points with 20,000 samples of 100 steps; "
-                   "--schedule per-budget about 1.5x that); --data fashion-mnist about 70 minutes (4 objectives "
+                   "--schedule per-budget about 13 minutes); on 2 cores, --data fashion-mnist about 70 minutes (4 objectives "
                    "x 3,000 DiT-T/1 steps of batch 32 at about 11 steps/s, 4.5 minutes each, then 6 checkpoints "
                    "each scored with 1,000 samples of 100 Euler steps, about 2 minutes apiece; --objectives runs "
                    "fewer). Stopped, it resumes "
