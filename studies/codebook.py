@@ -10,8 +10,6 @@ tokenizer's own reconstructions: the ceiling of its codes.
 
 import os
 
-import numpy as np
-
 import files
 from cli import UserError, user_errors
 from data import CodeSet
@@ -85,18 +83,20 @@ def code_sets(spec, dataset):
         if k in sets:
             raise UserError(f"{path}: K = {k}, as {sets[k][0]}; give one code set per codebook size")
         # only the codebook may differ: the same images, coded on the same grid
-        first = first or (path, codes)
-        for name, value in (("grid", codes.grid), ("split", codes.meta.get("split")),
-                            ("num_images", len(codes)), ("views", codes.views)):
-            theirs = dict(grid=first[1].grid, split=first[1].meta.get("split"), num_images=len(first[1]),
-                          views=first[1].views)[name]
-            if value != theirs:
-                raise UserError(f"{path}: {name} {value}, against {theirs} in {first[0]}; the study compares "
-                                f"codebook sizes on code sets of the same images and grid")
+        first = first or (path, images_of(codes))
+        for name, value in images_of(codes).items():
+            if value != first[1][name]:
+                raise UserError(f"{path}: {name} {value}, against {first[1][name]} in {first[0]}; the study "
+                                f"compares codebook sizes on code sets of the same images and grid")
         sets[k] = (path, codes)
     if len(sets) < 2:
         raise UserError(f"--codes {spec}: expected two or more code sets (one per codebook size), comma-separated")
     return dict(sorted(sets.items()))
+
+
+def images_of(codes):
+    """What must agree between the code sets of the study: which images, and the grid they are coded on."""
+    return dict(grid=codes.grid, split=codes.meta.get("split"), num_images=len(codes), views=codes.views)
 
 
 def run_dir(args, k, objective):
@@ -116,7 +116,7 @@ def figure(rows, references, objectives, b, dataset):
             ax.plot(*zip(*points), "-o", ms=4, c=OBJECTIVE_COLORS[objective], label=objective)
         ax.plot(ks, [references[k][metric] for k in ks], "--s", c="k", ms=3, lw=1, label="VQ reconstructions")
         log_ticks(ax, ks)
-        if metric == "fid" and np.all([r["fid"] > 0 for r in rows]):
+        if metric == "fid":
             log_y(ax)
         ax.set_xlabel("codebook size K")
         ax.legend(fontsize=7)

@@ -170,8 +170,8 @@ def figure_toys(args, b, rows, reference):
                        for it in b["iters"]]
             mean = [np.mean(v) for v in by_iter]
             ax.plot(b["iters"], mean, "-o", ms=3, c=OBJECTIVE_COLORS[method], label=method)
-            ax.fill_between(b["iters"], [min(v) for v in by_iter], [max(v) for v in by_iter], color=OBJECTIVE_COLORS[method],
-                            alpha=0.2, lw=0)
+            ax.fill_between(b["iters"], [min(v) for v in by_iter], [max(v) for v in by_iter],
+                            color=OBJECTIVE_COLORS[method], alpha=0.2, lw=0)
         if key == "tv":
             ax.axhline(reference[toy_name]["oracle_tv"], c="k", ls="--", lw=1, label="oracle sampler")
             ax.set_ylabel(f"TV to p(c) ({b['num_samples']} samples)")

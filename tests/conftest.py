@@ -30,14 +30,18 @@ def tokenizer_run(tmp_path_factory):
     return out
 
 
+def encode(tokenizer, out, limit):
+    """`vq.py encode` of the first `limit` Fashion-MNIST training images into the code set `out`."""
+    import vq
+    vq.main(["encode", "--tokenizer", str(tokenizer), "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
+             "--split", "train", "--limit", str(limit), "--out", str(out)])
+    return out
+
+
 @pytest.fixture(scope="session")
 def codes_dir(tokenizer_run, tmp_path_factory):
     """The code set of those 512 images."""
-    import vq
-    out = tmp_path_factory.mktemp("codes") / "codes"
-    vq.main(["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--dataset", "fashion-mnist",
-             "--data-dir", FASHION_MNIST, "--split", "train", "--limit", "512", "--out", str(out)])
-    return out
+    return encode(tokenizer_run / "tokenizer.pt", tmp_path_factory.mktemp("codes") / "codes", 512)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import flows
 import sample
 import study
 import vfm
-from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli
+from conftest import FASHION_MNIST, contents, encode, fill_the_disk, one_line_error, run_cli
 from data import CodeSet
 from studies import codebook, common, convergence, fewstep, guidance, solvers, temperature, uncertainty
 from toy import run as toy_run
@@ -263,13 +263,6 @@ def tokenizer_k32(tmp_path_factory):
     return out / "tokenizer.pt"
 
 
-def encode(tokenizer, out, limit):
-    import vq
-    vq.main(["encode", "--tokenizer", str(tokenizer), "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST,
-             "--split", "train", "--limit", str(limit), "--out", str(out)])
-    return out
-
-
 @pytest.fixture(scope="module")
 def codes_k32(tokenizer_k32, tmp_path_factory):
     """The session's 512 images coded by the tokenizer of K = 32."""
@@ -287,7 +280,8 @@ def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch)
     assert header == ["K", "objective", "accuracy", "FID-LeNet", "s/step (train)"]
     assert [(int(r[0]), r[1]) for r in rows] == [(k, o) for k in (32, 256) for o in
                                                  ("purrception", "dfm", "VQ reconstructions (ceiling)")]
-    assert record["references"]["32"]["codes"] == str(codes_k32) and record["references"]["256"]["codes"] == str(codes_dir)
+    references = record["references"]
+    assert references["32"]["codes"] == str(codes_k32) and references["256"]["codes"] == str(codes_dir)
     b = codebook.BUDGETS["tiny"]
     assert len(drawn) == 4
     for row, images in zip(record["rows"], drawn):
