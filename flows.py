@@ -25,13 +25,13 @@ CHECKPOINT_KEYS = ("model", "ema", "opt", "scaler", "step", "args", "codebook", 
 
 
 def build(model_name, objective_name, codebook, grid, num_classes, p_uncond=vfm.P_UNCOND,
-          z_loss_weight=vfm.Z_LOSS_WEIGHT, codebook_scale="raw"):
+          z_loss_weight=vfm.Z_LOSS_WEIGHT, codebook_scale="raw", time_dist="uniform"):
     """(model, objective): the objective and the DiT sized for it, logits over K (Purrception, DFM) or d
     channels (CFM, CFM-endpoint)."""
     if grid[0] != grid[1]:
         raise ValueError(f"the DiT wants a square code grid, got {grid[0]} x {grid[1]}")
     objective = vfm.build_objective(objective_name, codebook, num_classes, p_uncond=p_uncond,
-                                    z_loss_weight=z_loss_weight, codebook_scale=codebook_scale)
+                                    z_loss_weight=z_loss_weight, codebook_scale=codebook_scale, time_dist=time_dist)
     model = build_dit(model_name, grid_size=grid[0], num_classes=num_classes, **objective.model_io())
     return model, objective
 
@@ -60,6 +60,11 @@ def check_weights(path, weights, model, args):
 def codebook_scale(args):
     """The codebook scale a checkpoint was trained with; checkpoints from before the option ran on E / rms(E)."""
     return args.get("codebook_scale", "rms")
+
+
+def time_dist(args):
+    """The training-time distribution of a checkpoint; checkpoints from before the option drew t uniformly."""
+    return args.get("time_dist", "uniform")
 
 
 def batch_seed(seed, b):
@@ -106,7 +111,7 @@ class Flow:
         self.grid, self.num_classes = tuple(self.meta["grid"]), self.meta["num_classes"]
         self.model, self.objective = build(self.args["model"], self.args["objective"], self.codebook, self.grid,
                                            self.num_classes, self.args["p_uncond"], self.args["z_loss"],
-                                           codebook_scale(self.args))
+                                           codebook_scale(self.args), time_dist(self.args))
         weights = ckpt["ema" if use_ema else "model"]
         check_weights(path, weights, self.model, self.args)
         self.model.load_state_dict(weights)

@@ -152,7 +152,8 @@ def checked_resume(args, codes, ckpt_path, rank):
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     with user_errors():
         ckpt = flows.load_checkpoint(ckpt_path)
-    check_fits(ckpt, ckpt_path, ckpt_path, args, codes, ("model", "objective", "seed", "codebook_scale"))
+    check_fits(ckpt, ckpt_path, ckpt_path, args, codes,
+               ("model", "objective", "seed", "codebook_scale", "time_dist"))
     return ckpt
 
 
@@ -165,7 +166,8 @@ def check_fits(ckpt, path, where, args, codes, keys):
                             f"{codes.meta[key]}")
     with user_errors():
         tokenizers.check_codebook(codes.codebook, ckpt["codebook"], path)
-    trained_with = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]))
+    trained_with = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]),
+                        time_dist=flows.time_dist(ckpt["args"]))
     for key in keys:
         if trained_with[key] != getattr(args, key):
             raise UserError(f"{where}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
@@ -305,6 +307,10 @@ def check_args(args):
     check_seed(args)
     if not args.grad_clip > 0:  # a negative norm would scale the gradient by a negative factor and climb
         raise UserError(f"--grad-clip {args.grad_clip}: expected a number > 0 (inf: no clipping)")
+    try:
+        vfm.parse_time_dist(args.time_dist)
+    except ValueError as e:
+        raise UserError(f"--time-dist: {e}") from None
     if args.keep_every % args.ckpt_every:
         raise UserError(f"--keep-every {args.keep_every}: expected a multiple of --ckpt-every {args.ckpt_every}")
 
@@ -341,7 +347,7 @@ def _train(args, rank, world, device):
     codebook = torch.from_numpy(codes.codebook).float()
     with user_errors():
         raw_model, objective = flows.build(args.model, args.objective, codebook, codes.grid, codes.num_classes,
-                                           args.p_uncond, args.z_loss, args.codebook_scale)
+                                           args.p_uncond, args.z_loss, args.codebook_scale, args.time_dist)
         if ckpt is not None:
             flows.check_weights(ckpt_path, ckpt["model"], raw_model, ckpt["args"])
     if ckpt is None and args.init:
@@ -473,6 +479,9 @@ def parse_args(argv=None):
     p.add_argument("--z-loss", type=float, default=vfm.Z_LOSS_WEIGHT, help="z-loss weight (Purrception and DFM)")
     p.add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
                    help="the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py")
+    p.add_argument("--time-dist", default="uniform",
+                   help="training times: 'uniform' on [1e-3, 1) (the paper's) or 'logit-normal:M:S', "
+                   "sigmoid(M + S n), fewer times near noise and data; see vfm.py")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

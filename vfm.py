@@ -8,7 +8,11 @@ Conventions, stated once and used by every file in this repo
 * A sample is a grid of code indices c of shape (B, *S) (S = (h, w) for images, (N,) for the toys) into a
   codebook E of shape (K, d); its embedding is z1 = E[c], of shape (B, *S, d), channels last.
 * Source z0 ~ N(0, I) in the embedding space; path z_t = (1 - t) z0 + t z1 (the straight, rectified-flow path).
-* Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the paper's code.
+* Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the paper's code (time_dist = "uniform", the
+  default). The option "logit-normal:M:S" draws t = sigmoid(M + S n), n ~ N(0, 1), clamped to
+  [t_min, 1 - t_min] (Esser et al. 2024, arXiv 2403.03206): it spends fewer training times near t = 0, where
+  the posterior is still the prior of the codes and there is little to learn, and near t = 1, where the code
+  is already plain to see. It changes where training looks, not the loss or the sampler.
 * Codebook scale: the flow runs on the raw codebook E with N(0, I) noise, as the paper and its code do
   (codebook_scale = "raw", the default). The option "rms" runs it on E / rms(E) (rms over all K * d entries),
   codes with the per-dimension scale of the source: sqrt(8) * E for LlamaGen's unit-sphere codes in d = 8.
@@ -64,6 +68,32 @@ def flow_codebook(codebook, scale="raw"):
 def sample_t(n, device, generator=None, t_min=T_MIN):
     """Training times t ~ U[t_min, 1)."""
     return t_min + (1 - t_min) * torch.rand(n, device=device, generator=generator)
+
+
+def parse_time_dist(spec):
+    """A training-time distribution spec -> a function (n, device, generator, t_min) -> t (n,).
+
+    "uniform"             t ~ U[t_min, 1), the paper's
+    "logit-normal:M:S"    t = sigmoid(M + S n), n ~ N(0, 1), clamped to [t_min, 1 - t_min]; M = 0, S = 1 is
+                          Esser et al.'s, centred on t = 1/2; M > 0 moves the times toward the data
+    """
+    kind, *rest = str(spec).split(":")
+    try:
+        values = [float(v) for v in rest]
+    except ValueError:
+        values = []
+    if kind == "uniform" and not rest:
+        return sample_t
+    if kind == "logit-normal" and len(values) == 2 and all(math.isfinite(v) for v in values) and values[1] > 0:
+        m, s = values
+
+        def logit_normal(n, device, generator=None, t_min=T_MIN):
+            n01 = torch.randn(n, device=device, generator=generator)
+            return torch.sigmoid(m + s * n01).clamp(t_min, 1 - t_min)
+
+        return logit_normal
+    raise ValueError(f"bad training-time distribution '{spec}': expected 'uniform' or 'logit-normal:M:S' with "
+                     f"finite M and S > 0")
 
 
 def interpolate(z0, z1, t):
@@ -224,16 +254,18 @@ class Objective:
     The network is any callable model(x, t, y): x (B, *S, d) float (or (B, *S) long for DFM), t (B,) in [0, 1],
     y (B,) long with the null class num_classes; it returns (B, *S, out_dim).
     Every objective takes the same keywords: p_uncond (label dropout), t_min (the least training time),
-    z_loss_weight (lambda of the z-loss of Purrception and DFM; the CFM baselines do not use it) and
-    codebook_scale ("raw" or "rms", see the conventions above).
+    z_loss_weight (lambda of the z-loss of Purrception and DFM; the CFM baselines do not use it),
+    codebook_scale ("raw" or "rms") and time_dist (the training times: "uniform" or "logit-normal:M:S"; see the
+    conventions above).
     """
 
     name = None
 
     def __init__(self, codebook, num_classes=0, *, p_uncond=P_UNCOND, t_min=T_MIN, z_loss_weight=Z_LOSS_WEIGHT,
-                 codebook_scale="raw"):
+                 codebook_scale="raw", time_dist="uniform"):
         self.codebook = flow_codebook(codebook, codebook_scale)  # (K, d)
         self.codebook_scale = codebook_scale
+        self.time_dist, self._draw_times = time_dist, parse_time_dist(time_dist)
         self.num_codes, self.code_dim = self.codebook.shape
         self.num_classes, self.p_uncond, self.t_min = num_classes, p_uncond, t_min
         self.z_loss_weight = z_loss_weight
@@ -283,7 +315,7 @@ class Objective:
         return uncond + cfg_scale * (cond - uncond)
 
     def _draw_t(self, codes, generator):
-        return sample_t(codes.shape[0], codes.device, generator, self.t_min)
+        return self._draw_times(codes.shape[0], codes.device, generator, self.t_min)
 
 
 class Purrception(Objective):
@@ -440,7 +472,8 @@ OBJECTIVES = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoin
 
 
 def build_objective(name, codebook, num_classes=0, **kw):
-    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight, codebook_scale."""
+    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight, codebook_scale,
+    time_dist."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective '{name}'; choose from: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name](codebook, num_classes, **kw)

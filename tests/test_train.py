@@ -193,6 +193,24 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     assert rc == 2 and "last.pt: not a readable PyTorch file" in err and len(err.strip().splitlines()) == 1
 
 
+def test_time_dist_trains_on_its_times_and_is_checked_on_resume(codes_dir, tmp_path):
+    """--time-dist is recorded, changes the weights a run reaches (the same run, seed and data, only the times
+    differ), and a run resumes only with the distribution it started with (none recorded: uniform)."""
+    common = ["--codes", str(codes_dir), *SMALL, "--steps", "2"]
+    train.main(common + ["--out", str(tmp_path / "uniform")])
+    train.main(common + ["--out", str(tmp_path / "ln"), "--time-dist", "logit-normal:0.5:1"])
+    uniform, ln = weights(tmp_path / "uniform"), weights(tmp_path / "ln")
+    assert uniform["args"]["time_dist"] == "uniform" and ln["args"]["time_dist"] == "logit-normal:0.5:1"
+    assert not torch.equal(uniform["model"]["final_layer.linear.weight"], ln["model"]["final_layer.linear.weight"])
+    rc, _, err = run_cli("train.py", *common, "--out", tmp_path / "ln", "--resume")
+    assert rc == 2 and "trained with --time-dist logit-normal:0.5:1, not uniform" in err
+    del ln["args"]["time_dist"]  # a checkpoint from before the option
+    torch.save(ln, tmp_path / "ln" / "checkpoints" / "last.pt")
+    rc, _, err = run_cli("train.py", *common, "--out", tmp_path / "ln", "--resume",
+                         "--time-dist", "logit-normal:0.5:1")
+    assert rc == 2 and "trained with --time-dist uniform, not logit-normal:0.5:1" in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "DiT-Q/3"], "invalid choice: 'DiT-Q/3'"),
     (["--objective", "gan"], "invalid choice: 'gan'"),
@@ -205,6 +223,8 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     (["--ema-decay", "1.5"], "--ema-decay 1.5: expected a number in [0, 1]"),
     (["--p-uncond", "-0.1"], "--p-uncond -0.1: expected a number in [0, 1]"),
     (["--sample-every", "-5"], "--sample-every -5: expected a number >= 0"),
+    (["--time-dist", "gauss"], "--time-dist: bad training-time distribution 'gauss'"),
+    (["--time-dist", "logit-normal:0:0"], "--time-dist: bad training-time distribution 'logit-normal:0:0'"),
 ])
 def test_bad_flags(codes_dir, tmp_path, args, message):
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", tmp_path / "run", *args)

@@ -66,6 +66,34 @@ def test_training_times_are_uniform_on_t_min_to_1():
         assert below == pytest.approx(q, abs=4 * math.sqrt(q * (1 - q) / n))
 
 
+def test_logit_normal_training_times():
+    """'logit-normal:M:S' draws sigmoid(M + S n) from the generator's normal draws, clamped to [t_min, 1 - t_min];
+    'uniform' is sample_t; anything else is refused."""
+    draw = vfm.parse_time_dist("logit-normal:0.5:2")
+    t = draw(10000, "cpu", torch.Generator().manual_seed(0), t_min=0.01)
+    n = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, torch.sigmoid(0.5 + 2 * n).clamp(0.01, 0.99))
+    assert t.min() == 0.01 and t.max() == 0.99  # S = 2 reaches both clamps in 10,000 draws
+    assert vfm.parse_time_dist("uniform") is vfm.sample_t
+    for bad in ("gauss", "uniform:1", "logit-normal:0", "logit-normal:0:-1", "logit-normal:a:1",
+                "logit-normal:nan:1", "logit-normal:0:inf"):
+        with pytest.raises(ValueError, match="bad training-time distribution"):
+            vfm.parse_time_dist(bad)
+
+
+@pytest.mark.parametrize("name", list(vfm.OBJECTIVES))
+def test_every_objective_trains_on_the_times_of_its_time_dist(name):
+    """The t that loss() returns (and trains at) follows time_dist: logit-normal:2:0.5 has median sigmoid(2)."""
+    codebook = torch.randn(16, 4)
+    codes = torch.randint(0, 16, (4000, 3))
+    for spec, median in (("uniform", 0.5 + vfm.T_MIN / 2), ("logit-normal:2:0.5", 1 / (1 + math.exp(-2)))):
+        objective = vfm.build_objective(name, codebook, time_dist=spec)
+        out_dim = objective.model_io()["out_dim"]
+        _, _, t = objective.loss(lambda x, t, y: torch.zeros(*codes.shape, out_dim), codes,
+                                 generator=torch.Generator().manual_seed(0))
+        assert t.median().item() == pytest.approx(median, abs=0.02)
+
+
 def test_label_dropout_uses_the_null_class():
     y = torch.arange(10)
     assert torch.equal(vfm.drop_labels(y, 10, 0.0), y)
