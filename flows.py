@@ -31,7 +31,8 @@ def build(model_name, objective_name, codebook, grid, num_classes, p_uncond=vfm.
     if grid[0] != grid[1]:
         raise ValueError(f"the DiT wants a square code grid, got {grid[0]} x {grid[1]}")
     objective = vfm.build_objective(objective_name, codebook, num_classes, p_uncond=p_uncond,
-                                    z_loss_weight=z_loss_weight, codebook_scale=codebook_scale, time_dist=time_dist)
+                                    z_loss_weight=z_loss_weight, codebook_scale=codebook_scale,
+                                    time_dist=time_dist)
     model = build_dit(model_name, grid_size=grid[0], num_classes=num_classes, **objective.model_io())
     return model, objective
 
@@ -57,14 +58,10 @@ def check_weights(path, weights, model, args):
         raise ValueError(f"{path}: its weights do not fit {args['model']} for {args['objective']}{old_dfm}")
 
 
-def codebook_scale(args):
-    """The codebook scale a checkpoint was trained with; checkpoints from before the option ran on E / rms(E)."""
-    return args.get("codebook_scale", "rms")
-
-
-def time_dist(args):
-    """The training-time distribution of a checkpoint; checkpoints from before the option drew t uniformly."""
-    return args.get("time_dist", "uniform")
+def trained_args(args):
+    """A checkpoint's train.py args, with what checkpoints from before an option did in its place: they ran on
+    E / rms(E) (codebook_scale) and drew t uniformly (time_dist)."""
+    return dict(dict(codebook_scale="rms", time_dist="uniform"), **args)
 
 
 def batch_seed(seed, b):
@@ -106,12 +103,12 @@ class Flow:
 
     def __init__(self, path, device="cpu", use_ema=True, tokenizer=None, tokenizer_ckpt=None):
         ckpt = load_checkpoint(path)
-        self.path, self.device, self.step, self.args = path, device, ckpt["step"], ckpt["args"]
+        self.path, self.device, self.step, self.args = path, device, ckpt["step"], trained_args(ckpt["args"])
         self.meta, self.codebook = ckpt["codes_meta"], ckpt["codebook"]
         self.grid, self.num_classes = tuple(self.meta["grid"]), self.meta["num_classes"]
         self.model, self.objective = build(self.args["model"], self.args["objective"], self.codebook, self.grid,
                                            self.num_classes, self.args["p_uncond"], self.args["z_loss"],
-                                           codebook_scale(self.args), time_dist(self.args))
+                                           self.args["codebook_scale"], self.args["time_dist"])
         weights = ckpt["ema" if use_ema else "model"]
         check_weights(path, weights, self.model, self.args)
         self.model.load_state_dict(weights)

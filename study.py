@@ -47,8 +47,8 @@ BUDGET_HELP = {
                    "2 seeds, 3,200 iterations of batch 512, scored at 6 points with 20,000 samples of 100 steps; "
                    "--schedule per-budget about 13 minutes); on 2 cores, --data fashion-mnist about 70 minutes (4 "
                    "objectives x 3,000 DiT-T/1 steps of batch 32 at about 11 steps/s, 4.5 minutes each, then 6 "
-                   "checkpoints each scored with 1,000 samples of 100 Euler steps, about 2 minutes apiece; --objectives runs "
-                   "fewer). Stopped, it resumes "
+                   "checkpoints each scored with 1,000 samples of 100 Euler steps, about 2 minutes apiece; "
+                   "--objectives runs fewer). Stopped, it resumes "
                    "where it was: the runs in OUT/runs continue and the checkpoints scored keep their scores.",
     "temperature": "CPU budget at --budget full, on 2 cores: about 30 minutes for DiT-T/1 (12 temperatures and "
                    "schedules x 2 guidance scales x 1,000 samples of 50 Euler steps; guidance doubles the "

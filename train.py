@@ -166,8 +166,7 @@ def check_fits(ckpt, path, where, args, codes, keys):
                             f"{codes.meta[key]}")
     with user_errors():
         tokenizers.check_codebook(codes.codebook, ckpt["codebook"], path)
-    trained_with = dict(ckpt["args"], codebook_scale=flows.codebook_scale(ckpt["args"]),
-                        time_dist=flows.time_dist(ckpt["args"]))
+    trained_with = flows.trained_args(ckpt["args"])
     for key in keys:
         if trained_with[key] != getattr(args, key):
             raise UserError(f"{where}: trained with --{key.replace('_', '-')} {trained_with[key]}, not "
