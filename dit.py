@@ -15,22 +15,24 @@ What is different from DiT's own models.py
   as the Purrception paper's DFM does) before the same patch embedding.
 * Patches are flattened and embedded by a Linear layer (the same map as DiT's stride-p convolution).
 * Time t lies in [0, 1] with noise at t = 0 and data at t = 1 (the convention of vfm.py). It is embedded as
-  sinusoidal features of 1000 * t, so the frequencies are those of DiT's integer timesteps 0..1000.
+  sinusoidal features of 1000 * t, so the frequencies are those of DiT's integer timesteps 0..1000
+  (`time_scale`; the authors' code embeds t itself, time_scale = 1).
 * The output is out_dim numbers per grid position, channels last: logits over the K codes (Purrception, DFM)
   or d channels (the CFM baselines). There is no learned variance.
 * Labels y are in [0, num_classes], and the index num_classes is the null class ("no label") that
   classifier-free guidance uses. The model never drops labels itself; the training objective does.
 * Attention runs through torch.nn.functional.scaled_dot_product_attention (fused kernels where available).
-* flops_per_forward() gives the analytic FLOP count of one forward pass, for throughput and MFU (bench.py).
+* flops_per_forward() gives the analytic FLOP count of one forward pass, for throughput and MFU (experiments/bench.py).
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TIME_SCALE = 1000  # t in [0, 1] is embedded as DiT's timestep 1000 * t
+TIME_SCALE = 1000  # t in [0, 1] is embedded as DiT's timestep 1000 * t (the authors' code embeds t itself: 1)
 FREQUENCY_DIM = 256  # sinusoidal features of the time before the time MLP
 
 
@@ -86,15 +88,15 @@ def timestep_features(t, dim, max_period=10000):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D): sinusoidal features of 1000 * t, then a two-layer MLP."""
+    """t in [0, 1] -> (B, D): sinusoidal features of time_scale * t, then a two-layer MLP."""
 
-    def __init__(self, hidden_size, frequency_dim=FREQUENCY_DIM):
+    def __init__(self, hidden_size, frequency_dim=FREQUENCY_DIM, time_scale=TIME_SCALE):
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.time_scale = frequency_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        return self.mlp(timestep_features(TIME_SCALE * t, self.frequency_dim))  # (B, D)
+        return self.mlp(timestep_features(self.time_scale * t, self.frequency_dim))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -207,7 +209,7 @@ class DiT(nn.Module):
 
     def __init__(self, grid_size: int, in_dim: int | None, out_dim: int, num_classes: int,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, input_vocab: int | None = None):
+                 mlp_ratio: float = 4.0, input_vocab: int | None = None, time_scale: float = TIME_SCALE):
         super().__init__()
         if grid_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide grid_size {grid_size}: the {grid_size} x "
@@ -228,7 +230,7 @@ class DiT(nn.Module):
         self.token_embedder = nn.Embedding(input_vocab, in_dim) if input_vocab is not None else None
         self.patch_embed = nn.Linear(patch_size * patch_size * in_dim, hidden_size)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, grid_size // patch_size), persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_dim)
@@ -296,61 +298,16 @@ class DiT(nn.Module):
 # Presets: DiT paper sizes (Table 1), plus T, a tiny size for 28 x 28 images on a laptop CPU
 # ----------------------------------------------------------------------------------------------------------
 
-def DiT_XL_2(**kw):
-    return DiT(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **kw)
-
-
-def DiT_XL_4(**kw):
-    return DiT(depth=28, hidden_size=1152, num_heads=16, patch_size=4, **kw)
-
-
-def DiT_L_2(**kw):
-    return DiT(depth=24, hidden_size=1024, num_heads=16, patch_size=2, **kw)
-
-
-def DiT_L_4(**kw):
-    return DiT(depth=24, hidden_size=1024, num_heads=16, patch_size=4, **kw)
-
-
-def DiT_B_1(**kw):
-    return DiT(depth=12, hidden_size=768, num_heads=12, patch_size=1, **kw)
-
-
-def DiT_B_2(**kw):
-    return DiT(depth=12, hidden_size=768, num_heads=12, patch_size=2, **kw)
-
-
-def DiT_B_4(**kw):
-    return DiT(depth=12, hidden_size=768, num_heads=12, patch_size=4, **kw)
-
-
-def DiT_S_1(**kw):
-    return DiT(depth=12, hidden_size=384, num_heads=6, patch_size=1, **kw)
-
-
-def DiT_S_2(**kw):
-    return DiT(depth=12, hidden_size=384, num_heads=6, patch_size=2, **kw)
-
-
-def DiT_S_4(**kw):
-    return DiT(depth=12, hidden_size=384, num_heads=6, patch_size=4, **kw)
-
-
-def DiT_T_1(**kw):
-    return DiT(depth=4, hidden_size=128, num_heads=4, patch_size=1, **kw)
-
-
-def DiT_T_2(**kw):
-    return DiT(depth=4, hidden_size=128, num_heads=4, patch_size=2, **kw)
-
-
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4,
-    "DiT-B/1": DiT_B_1, "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4,
-    "DiT-S/1": DiT_S_1, "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4,
-    "DiT-T/1": DiT_T_1, "DiT-T/2": DiT_T_2,
+SIZES = {  # name: (depth, hidden_size, num_heads)
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "T": (4, 128, 4),
 }
+PATCH_SIZES = {"XL": (2, 4), "L": (2, 4), "B": (1, 2, 4), "S": (1, 2, 4), "T": (1, 2)}
+DiT_models = {f"DiT-{size}/{p}": functools.partial(DiT, depth=depth, hidden_size=width, num_heads=heads, patch_size=p)
+              for size, (depth, width, heads) in SIZES.items() for p in PATCH_SIZES[size]}
 
 
 def build_dit(name: str, **kw) -> DiT:

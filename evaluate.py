@@ -29,211 +29,34 @@ Samples belong to the class they were conditioned on (the .npz's `labels`), or t
 the .npz has none; `accuracy` is then absent. FID-LeNet values are comparable only between runs scored by the
 same classifier file, and not at all with Inception FID: metrics.json records the classifier and its test
 accuracy. A cache file that is unreadable or made for another dataset is an error, never silently replaced:
-delete it to retrain.
+delete it to retrain. The file records the data it was trained on (`data`: the MD5s of the decompressed training
+and test images files, support/datasets.py), and scoring against a --data-dir whose test images differ is refused;
+a file from before that record is checked by its test accuracy instead, which on other data falls far from the
+recorded one. Samples of a flow trained on another dataset's codes (as the samples' settings say, or the code set
+meta in the checkpoint they name, while it is still at the same step) are refused too.
 
 The reconstructions of the test split through a VQ tokenizer (--reference-tokenizer) are the ceiling of any
 flow over its codes: a flow can at best reproduce the tokenizer's codes of real images.
 """
 
 import functools
+import json
 import os
-import sys
-import time
 import zipfile
 import zlib
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import files
-import tokenizers
-from cli import ArgumentParser, UserError, make_dir, run_command, user_errors
-from data import CLASS_NAMES, load_mnist
-from images import to_float, to_uint8
+from support import config, datasets, files, tokenizers
+from support.cli import ArgumentParser, UserError, make_dir, run_command, user_errors
+from support.datasets import CLASS_NAMES, load_mnist, read_mnist
+from support.images import to_float, to_uint8
+from support.lenet import default_classifier_path, extract, load_classifier
+from support.metrics import COVERAGE_K, coverage, frechet_distance, gaussian_fit
 
-CLASSIFIER_FORMAT = "purrception-classifier/1"
-COVERAGE_K = 5          # the k of coverage's k-nearest-neighbour balls (Naeem et al. use 5)
-IMAGE_SHAPE = (28, 28)  # MNIST-sized images only; ImageNet samples go to the standard Inception evaluator
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The classifier: LeNet-style, its penultimate layer gives the features of FID-LeNet
-# ----------------------------------------------------------------------------------------------------------
-
-class LeNet(nn.Module):
-    """Two 3x3 conv blocks and two linear layers; `features` is the 128-d penultimate layer after its ReLU."""
-
-    def __init__(self, num_classes=10, feature_dim=128):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
-        )
-        self.fc = nn.Linear(64 * 7 * 7, feature_dim)
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(feature_dim, num_classes)
-        self.to(memory_format=torch.channels_last)  # CPU convolutions run about 1.6x faster channels-last
-
-    def features(self, x):  # x: (B, 1, 28, 28) in [-1, 1]
-        x = x.contiguous(memory_format=torch.channels_last)
-        return F.relu(self.fc(self.conv(x).flatten(1)))  # (B, 128)
-
-    def forward(self, x):
-        return self.head(self.dropout(self.features(x)))  # (B, num_classes)
-
-
-@torch.no_grad()
-def extract(model, images, batch_size=1000, desc="features"):
-    """Penultimate features (N, 128) float64 and predicted classes (N,) int64 of uint8 images."""
-    model.eval()
-    features, predictions = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        f = model.features(to_float(images[i:i + batch_size]))  # (B, 128)
-        features.append(f.double().numpy())
-        predictions.append(model.head(f).argmax(1).numpy())
-    if not features:
-        return np.zeros((0, model.fc.out_features)), np.zeros(0, dtype=np.int64)
-    return np.concatenate(features), np.concatenate(predictions)
-
-
-def train_classifier(dataset, data_dir, epochs=5, batch_size=128, lr=2e-3, seed=0, limit=None):
-    """Train a LeNet on the training split (its first `limit` images if given) with Adam and a one-cycle
-    learning rate. Returns (model in eval mode, info): info holds test_accuracy (on the whole test split),
-    train_images, epochs, seed and seconds. The caller's random state is left untouched."""
-    start = time.time()
-    images, labels = load_mnist(dataset, data_dir, "train")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    steps_per_epoch = (len(images) + batch_size - 1) // batch_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LeNet(len(CLASS_NAMES[dataset]))
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch)
-        model.train()
-        progress = tqdm(total=epochs * steps_per_epoch, desc=f"training the {dataset} classifier")
-        for epoch in range(epochs):
-            order = torch.randperm(len(images)).numpy()
-            for i in range(steps_per_epoch):
-                batch = order[i * batch_size:(i + 1) * batch_size]
-                loss = F.cross_entropy(model(to_float(images[batch])), torch.from_numpy(labels[batch]))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                progress.update()
-                progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
-        progress.close()
-    model.eval()
-    test_images, test_labels = load_mnist(dataset, data_dir, "test")
-    _, predictions = extract(model, test_images, desc="classifier test accuracy")
-    info = dict(test_accuracy=float(np.mean(predictions == test_labels)), train_images=len(images),
-                epochs=epochs, seed=seed, seconds=round(time.time() - start, 1))
-    return model, info
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The classifier cache
-# ----------------------------------------------------------------------------------------------------------
-
-def default_classifier_path(dataset):
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "purrception", f"classifier-{dataset}.pt")
-
-
-def load_classifier(dataset, data_dir, path=None, **train_kwargs):
-    """(model, info) from the cache file at `path` (default: default_classifier_path(dataset)); when the file
-    does not exist, train the classifier (train_kwargs go to train_classifier) and write it there first.
-
-    info: path, dataset, test_accuracy, train_images, epochs, seed, seconds (of training). A file that is not a
-    classifier of `dataset` is a ValueError naming it, never silently replaced."""
-    path = path or default_classifier_path(dataset)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: a directory; expected a classifier file of evaluate.py, or the name of "
-                                f"one to write")
-    if not os.path.exists(path):
-        model, info = train_classifier(dataset, data_dir, **train_kwargs)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        files.save_torch(path, dict(format=CLASSIFIER_FORMAT, dataset=dataset, **info, model=model.state_dict()))
-        print(f"classifier: test accuracy {info['test_accuracy']:.2%} after {info['seconds']:.0f} s -> {path}",
-              file=sys.stderr)
-    fix = "delete it to train a new one, or pass another --classifier"
-    record = files.load_torch(path, f"a classifier file of evaluate.py (format {CLASSIFIER_FORMAT}); {fix}")
-    if not isinstance(record, dict) or record.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(f"{path}: not a classifier file of evaluate.py (format {CLASSIFIER_FORMAT}); {fix}")
-    if record.get("dataset") != dataset:
-        raise ValueError(f"{path}: a classifier of {record.get('dataset')}, not of {dataset}; {fix}")
-    model = LeNet(len(CLASS_NAMES[dataset]))
-    weights = record.get("model")
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in weights.items()} \
-        if isinstance(weights, dict) else None
-    if found != wanted:
-        raise ValueError(f"{path}: its weights do not fit the classifier of evaluate.py; {fix}")
-    model.load_state_dict(weights)
-    info = {k: v for k, v in record.items() if k not in ("format", "model")}
-    return model.eval(), dict(path=os.path.abspath(path), **info)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics: Frechet distance and coverage
-# ----------------------------------------------------------------------------------------------------------
-
-def gaussian_fit(features):
-    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _psd_sqrt(sigma):
-    """The symmetric square root of a symmetric PSD matrix; round-off below zero is clipped."""
-    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
-
-        ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
-
-    With A = sigma1^(1/2) sigma2^(1/2), sigma1 sigma2 is similar to A A^T, so tr((sigma1 sigma2)^(1/2)) is the
-    sum of the singular values of A. Square roots of symmetric matrices and one SVD replace the usual
-    scipy.linalg.sqrtm of the product: no complex parts to drop, and no square roots of eigenvalues that
-    round-off left near zero (rank-deficient covariances, e.g. of features after a ReLU, are common)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"shapes do not match: {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}")
-    a = _psd_sqrt(sigma1) @ _psd_sqrt(sigma2)
-    trace_sqrt = np.linalg.svd(a, compute_uv=False).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
-
-
-def _distances(a, b):
-    """Exact Euclidean distances (len(a), len(b)) in float64, computed from differences, not a Gram matrix."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-def coverage(real_features, fake_features, k=COVERAGE_K, chunk=1024):
-    """The fraction of real points whose ball out to their k-th nearest real neighbour (the point itself not
-    counted) holds at least one fake point (Naeem et al. 2020). The balls are closed (<=): the authors' code
-    uses <, which differs only for a fake point exactly on a boundary. No fake points: 0."""
-    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
-    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
-    if len(real) <= k:
-        raise ValueError(f"coverage with k = {k} needs more than {k} real points, got {len(real)}")
-    if len(fake) == 0:
-        return 0.0
-    covered = []
-    for i in range(0, len(real), chunk):
-        block = real[i:i + chunk]
-        radius = _distances(block, real).kthvalue(k + 1, dim=1).values  # the 1st is the point itself
-        covered.append(_distances(block, fake).min(dim=1).values <= radius)
-    return float(torch.cat(covered).double().mean())
+IMAGE_SHAPE = (28, 28)  # MNIST-sized images only; ImageNet samples go to fid.py
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,8 +92,8 @@ def _prepared(dataset, data_dir, classifier_path):
 @functools.lru_cache(maxsize=2)
 def _prepared_cached(dataset, data_dir, path, mtime_ns):
     """(model, info, test features, test labels, test Gaussian); kept for repeated calls in one process."""
-    model, info = load_classifier(dataset, data_dir, path)
-    images, labels = load_mnist(dataset, data_dir, "test")
+    images, labels, identity = read_mnist(dataset, data_dir, "test")
+    model, info = load_classifier(dataset, data_dir, path, test_split=(images, labels, identity))
     features, _ = extract(model, images, desc="features of the test split")
     return model, info, features, labels, gaussian_fit(features)
 
@@ -314,7 +137,7 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
 @torch.no_grad()
 def reconstruct(tokenizer, images, batch_size=500):
     """uint8 images (N, 28, 28) -> uint8 (N, 28, 28, 1) through tokenizer.decode(tokenizer.encode(x)), on the
-    CPU, with x float (B, 1, 28, 28) in [-1, 1] (the layout and range of mnist_vq.py)."""
+    CPU, with x float (B, 1, 28, 28) in [-1, 1] (the layout and range of vq.py)."""
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="reconstructing the test split", leave=False):
         x = to_float(images[i:i + batch_size])  # (B, 1, 28, 28)
@@ -324,7 +147,7 @@ def reconstruct(tokenizer, images, batch_size=500):
 
 def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_size=500, name=None):
     """evaluate_images of the test split's reconstructions through a VQ tokenizer, with the true labels: the
-    ceiling of a flow over its codes. `tokenizer`: the path of a `vq.py train` checkpoint (RUN/tokenizer.pt),
+    ceiling of a flow over its codes. `tokenizer`: the path of a `tokenizer.py train` checkpoint (RUN/tokenizer.pt),
     or an object with encode (B, 1, 28, 28) -> codes and decode codes -> (B, 1, 28, 28), then named by `name`."""
     if isinstance(tokenizer, (str, os.PathLike)):
         name = os.path.abspath(tokenizer)
@@ -359,6 +182,35 @@ def load_samples(path):
         raise ValueError(f"{path}: no array 'arr_0' (found: {listed or 'none'}); expected uint8 images "
                          f"N x H x W x C as sample.py writes them")
     return check_images(arrays["arr_0"], arrays.get("labels"), where=path)
+
+
+def samples_origin(path):
+    """(dataset, images MD5 or None, where it is said) of the codes the flow behind samples.npz was trained on, as
+    sample.py records them in its settings, or None where the file does not say."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            settings = json.loads(str(f["settings"].item())) if "settings" in f.files else None
+    except Exception:  # the samples themselves were read by load_samples; their settings are optional
+        return None
+    if not isinstance(settings, dict):
+        return None
+    data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
+    dataset = settings.get("dataset", data.get("dataset"))
+    if not isinstance(dataset, str):
+        return None
+    return dataset, data.get("images_md5"), f"{path} (its settings)"
+
+
+def check_samples_dataset(path, dataset):
+    """ValueError naming `path` when its samples come from a flow trained on another dataset's codes."""
+    origin = samples_origin(path)
+    if origin is None:
+        return
+    name, images_md5, where = origin
+    name = datasets.known_dataset(str(images_md5)) or name  # the contents of the codes' images, whatever their name
+    if name != dataset:
+        hint = f"; score them with --dataset {name} and its --data-dir" if name in CLASS_NAMES else ""
+        raise ValueError(f"{path}: samples of a flow trained on {name} codes ({where}), not {dataset}'s{hint}")
 
 
 def _percent(x):
@@ -410,6 +262,8 @@ def evaluate(args):
     columns = []
     with user_errors():  # the samples, the dataset, the classifier file and the tokenizer are the user's files
         images, labels = load_samples(args.samples) if args.samples else (None, None)
+        if args.samples:
+            check_samples_dataset(args.samples, args.dataset)
         tokenizer = tokenizers.load(args.reference_tokenizer) if args.reference_tokenizer else None
         if args.samples:
             columns.append(("samples", evaluate_images(images, labels, args.dataset, args.data_dir, classifier)))
@@ -440,15 +294,14 @@ def parse_args(argv=None):
                    help="also score the test split's reconstructions through this tokenizer: the ceiling")
     p.add_argument("--out", help="the .json file to write (default: metrics.json beside the samples, or "
                                  "reference-metrics.json beside the tokenizer)")
-    args = p.parse_args(argv)
+    args = config.parse_args(p, argv, "evaluate")
     if not args.samples and not args.reference_tokenizer:
         p.error("give --samples, --reference-tokenizer or both")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run_command(evaluate, args)
+    run_command(lambda: evaluate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """
 Sample images from a trained flow: a PNG grid (a row per class) and an .npz for the FID evaluators.
 
-    python sample.py --ckpt runs/fmnist-flow/checkpoints/last.pt --num-samples 1000 --temperature 1.0 \\
-        --cfg-scale 1.5 --steps 100 --solver euler --out runs/fmnist-samples
+    python sample.py --config fmnist --ckpt runs/fmnist-flow/checkpoints/last.pt --out runs/fmnist-samples
+    python sample.py --ckpt RUN/checkpoints/last.pt --num-samples 1000 --temperature 0.9 --cfg-scale 1.5 \\
+        --steps 100 --solver euler --out runs/samples
     torchrun --nproc_per_node=8 sample.py --ckpt ... --num-samples 50000 --out ...   # data-parallel
 
 OUT/samples.npz holds `arr_0`, uint8 N x H x W x C (the layout the standard FID evaluators read), `labels`
@@ -12,10 +13,15 @@ unless --no-ema. `--cfg-interval LO:HI` guides only the network evaluations with
 conditional pass elsewhere. `--couplings` also writes OUT/couplings, a code set of the grids drawn with the
 noise z0 each started from: the fixed pairs a reflow student trains on (`python train.py --codes
 OUT/couplings --init CKPT`, then sampled with `--steps 1`). Sample i depends only on --seed and i, not on
-the number of processes (flows.py: batch b is seeded with batch_seed(seed, b)): under torchrun each rank draws
-its share of the batches and rank 0 writes exactly N.
+the number of processes (batch b is seeded with batch_seed(seed, b)): under torchrun each rank draws its
+share of the batches and rank 0 writes exactly N. `--classes 1,5,207` draws those classes only (labels cycle
+through the list); grid.png shows up to 8 rows of them, each row one class (or several, when a class has few
+samples), at most 10 images wide. `--precision auto` runs the network under bf16 autocast on GPUs (fp32 on CPU);
+the posterior mean and the solver stay float32. `--dfm-sampler redraw` samples a DFM model with the authors'
+sampler (baselines.DFM).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,16 +29,134 @@ import sys
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-import data
-import distributed
-import files
-import flows
-import images
+import baselines
 import vfm
-from cli import (ArgumentParser, UserError, check_finite, check_output_files, check_positive, check_seed, make_dir,
-                 refuse_overwrite, run_command, user_errors)
+from support import codesets, config, distributed, files, images
+from support.checkpoint import Flow
+from support.cli import UserError, check_finite, check_output_files, check_positive, check_seed
+from support.cli import make_dir, refuse_overwrite, run_command, user_errors
+from support.config import flag
+
+BATCH_SIZE = 250  # sample.py's default batch: sample i is drawn from the noise of batch i // 250
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drawing samples: the one way every script and study draws them
+# ----------------------------------------------------------------------------------------------------------
+
+def batch_seed(seed, b):
+    """The seed of batch b's generator: sample i depends only on the seed and i, never on how many processes
+    drew it."""
+    return seed * 1_000_003 + b
+
+
+def sample_labels(n, num_classes, classes=None):
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... (all the null class, 0 here, for an unconditional model), or
+    the given classes in turn: classes[0], classes[1], ..., classes[0], ..."""
+    if classes:
+        return np.asarray(classes, dtype=np.int64)[np.arange(n) % len(classes)]
+    return np.arange(n) % num_classes if num_classes else np.zeros(n, dtype=np.int64)
+
+
+def parse_classes(spec):
+    """'1,5,207' -> [1, 5, 207]; None -> None (every class)."""
+    if spec is None:
+        return None
+    try:
+        classes = [int(c) for c in str(spec).split(",")]
+    except ValueError:
+        classes = []
+    if not classes or min(classes) < 0:
+        raise UserError(f"--classes {spec}: expected class indices separated by commas, such as 1,5,207")
+    return classes
+
+
+def autocast(model, precision, device):
+    """(precision, model): the network run under autocast at `precision` (auto: bf16 on GPUs that have it, fp16
+    on older ones, fp32 on CPU; see support/distributed.py), resolved; only the network, so that the posterior
+    mean, the guidance arithmetic and the solver's state stay float32."""
+    device = torch.device(device)
+    precision, _ = distributed.autocast_context(precision, device)
+    if precision == "fp32":
+        return precision, model
+
+    def run(x, t, y):
+        with distributed.autocast_context(precision, device)[1]:
+            return model(x, t, y)
+
+    return precision, run
+
+
+@torch.no_grad()
+def generate(flow, labels, seed, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0, cfg_interval=(0.0, 1.0),
+             couplings=False, precision="fp32", dfm_sampler="reveal"):
+    """Images uint8 (B, H, W, C) of a Flow (support/checkpoint.py) for labels (B,), from the noise of a generator
+    seeded with `seed`. couplings=True: (images, codes (B, *S), noise z0 (B, *S, d)), with the grids they decode
+    and the noise the sampler started from (a continuous flow only). precision: the network's ("fp32", "bf16" or
+    "auto", sample.py's default: bf16 on GPUs); dfm_sampler: a DFM model's sampler, "reveal" or "redraw"."""
+    g = torch.Generator(flow.device).manual_seed(seed)
+    y = torch.as_tensor(labels, device=flow.device) if flow.num_classes else None
+    shape = (len(labels), *flow.grid)
+    z0 = flow.objective.noise(shape, g) if couplings else None  # what sample() would draw first
+    _, model = autocast(flow.model, precision, flow.device)
+    kw = dict(sampler=dfm_sampler) if flow.name == "dfm" else {}
+    codes = flow.objective.sample(model, shape, y=y, steps=steps, solver=solver, temperature=temperature,
+                                  cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=g, z0=z0, **kw)
+    pictures = images.to_uint8(flow.tokenizer.decode(codes))
+    return (pictures, codes, z0) if couplings else pictures
+
+
+def generate_batch(flow, labels, seed, b, batch_size=BATCH_SIZE, **settings):
+    """Batch b of size `batch_size` among samples with these labels, from the generator of batch_seed(seed, b)."""
+    lo, hi = b * batch_size, min((b + 1) * batch_size, len(labels))
+    return generate(flow, labels[lo:hi], batch_seed(seed, b), **settings)
+
+
+def draw(flow, n, seed=0, batch_size=BATCH_SIZE, classes=None, **settings):
+    """(images uint8 (n, H, W, C), labels (n,)): what `python sample.py --seed S --batch-size B` draws (with
+    precision="auto", its default; this function's is fp32)."""
+    labels = sample_labels(n, flow.num_classes, classes)
+    parts = [generate_batch(flow, labels, seed, b, batch_size, **settings) for b in range((n - 1) // batch_size + 1)]
+    return np.concatenate(parts), labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Settings:
+    """The sampling settings: the flags of this command, recorded in OUT/settings.json with what they drew."""
+    ckpt: str = flag(None, "a checkpoint of train.py (RUN/checkpoints/last.pt)", required=True)
+    out: str = flag(None, "output directory: samples.npz, grid.png, settings.json", required=True)
+    num_samples: int = flag(1000, "how many samples")
+    temperature: str = flag("1.0", "softmax temperature: a number, 'linear:T0:T1' or 'cosine:T0:T1' over t")
+    cfg_scale: float = flag(1.0, "guidance scale s: uncond + s (cond - uncond); 1 is off")
+    cfg_interval: str = flag("0:1", "LO:HI: guidance acts only at network evaluations with LO <= t <= HI (t = 0 is "
+                             "noise); the others make one conditional pass")
+    steps: int = flag(100, "solver steps over [0, 1]")
+    solver: str = flag("euler", "the ODE solver (DFM: its discrete Euler step)", choices=vfm.SOLVERS)
+    dfm_sampler: str = flag("reveal", "a DFM model's sampler: reveal (this repo's: masked tokens are revealed, once) "
+                            "or redraw (the authors': every token is redrawn at each step)",
+                            choices=baselines.DFM_SAMPLERS)
+    classes: str = flag(None, "draw only these classes, e.g. 1,5,207 (labels cycle through the list); default: all")
+    precision: str = flag("auto", "the network's precision: auto is bf16 autocast on GPUs, fp32 on CPU; the "
+                          "posterior mean and the solver stay float32", choices=("auto", "fp32", "bf16"))
+    seed: int = flag(0, "sample i depends only on the seed and i")
+    batch_size: int = flag(BATCH_SIZE, "samples per batch")
+    no_ema: bool = flag(False, "use the raw weights instead of the EMA")
+    tokenizer: str = flag(None, "the tokenizer to decode with, if it moved since the codes were written")
+    tokenizer_ckpt: str = flag(None, "its weights, for a pretrained tokenizer named by --tokenizer")
+    couplings: bool = flag(False, "also write OUT/couplings: the code grids with the noise each started from, a "
+                           "code set for a reflow student (train.py --codes OUT/couplings --init CKPT)")
+    force: bool = flag(False, "replace the samples.npz (and couplings) of an earlier run in --out")
+
+
+def parse_args(argv=None):
+    return config.parse(Settings, argv, "sample", "Sample a trained flow into a PNG grid and an FID-ready .npz.")
 
 
 def sample(args):
@@ -45,6 +169,7 @@ def sample(args):
     with user_errors():
         vfm.parse_temperature(args.temperature)
         args.cfg_interval = vfm.parse_cfg_interval(args.cfg_interval)
+    parse_classes(args.classes)  # its form, before any work; its range once the checkpoint is read
     make_dir(args.out)
     check_output_files(args.out, "samples.npz", "settings.json", "grid.png")
     for name in (".parts", "couplings", ".couplings.tmp"):
@@ -62,25 +187,37 @@ def sample(args):
 
 def _sample(args, rank, world, device):
     with user_errors():
-        flow = flows.Flow(args.ckpt, device, use_ema=not args.no_ema, tokenizer=args.tokenizer,
+        flow = Flow(args.ckpt, device, use_ema=not args.no_ema, tokenizer=args.tokenizer,
                           tokenizer_ckpt=args.tokenizer_ckpt)
     if flow.name == "dfm" and args.solver != "euler":
         raise UserError(f"{args.ckpt}: a DFM model samples with its discrete Euler step only, not --solver "
                         f"{args.solver}")
     if flow.name == "dfm" and args.couplings:
         raise UserError(f"{args.ckpt}: a DFM model starts from masks, not noise, so it has no couplings to write")
+    if flow.name != "dfm" and args.dfm_sampler != "reveal":
+        raise UserError(f"--dfm-sampler {args.dfm_sampler}: {args.ckpt} is a {flow.name} model, not DFM")
+    classes = parse_classes(args.classes)
+    if classes and not flow.num_classes:
+        raise UserError(f"--classes {args.classes}: {args.ckpt} was trained without labels, so it has no classes")
+    if classes and max(classes) >= flow.num_classes:
+        raise UserError(f"--classes {args.classes}: class {max(classes)} is out of range: {args.ckpt} has "
+                        f"{flow.num_classes} classes, 0 to {flow.num_classes - 1}")
     if not flow.num_classes and args.cfg_scale != 1 and rank == 0:
         print(f"--cfg-scale {args.cfg_scale} is ignored: {args.ckpt} was trained without labels, so there is "
               f"nothing to guide towards", file=sys.stderr)
-    labels = flows.sample_labels(args.num_samples, flow.num_classes)
+    labels = sample_labels(args.num_samples, flow.num_classes, classes)
+    precision, _ = autocast(None, args.precision, device)
+    times = [t for t, _ in baselines.DFM.schedule(args.steps, args.dfm_sampler)] if flow.name == "dfm" else None
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=flow.step, weights="model" if args.no_ema else "ema",
-                    objective=flow.name, model=flow.args["model"], codebook_scale=flow.objective.codebook_scale,
+                    objective=flow.name, model=flow.settings["model"], codebook_scale=flow.objective.codebook_scale,
+                    dataset=flow.dataset, data=flow.meta.get("data"),
                     num_samples=args.num_samples, temperature=args.temperature, cfg_scale=args.cfg_scale,
                     cfg_interval=list(args.cfg_interval), steps=args.steps, solver=args.solver, seed=args.seed,
-                    batch_size=args.batch_size,
+                    batch_size=args.batch_size, classes=classes, precision=precision,
+                    dfm_sampler=args.dfm_sampler if flow.name == "dfm" else None,
                     # network passes per sample: a guided evaluation is two
                     nfe=vfm.guided_evaluations(args.steps, args.solver, args.cfg_scale, args.cfg_interval,
-                                               guidable=flow.num_classes > 0))
+                                               guidable=flow.num_classes > 0, times=times))
 
     # Every rank draws batches b = rank, rank + world, ... into OUT/.parts; rank 0 then packs them in order.
     parts = os.path.join(args.out, ".parts")
@@ -93,9 +230,10 @@ def _sample(args, rank, world, device):
     start = time.time()
     try:
         for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=f"sampling ({world} process(es))"):
-            batch = flow.generate(labels, args.seed, b, args.batch_size, steps=args.steps, solver=args.solver,
+            batch = generate_batch(flow, labels, args.seed, b, args.batch_size, steps=args.steps, solver=args.solver,
                                   temperature=args.temperature, cfg_scale=args.cfg_scale,
-                                  cfg_interval=args.cfg_interval, couplings=args.couplings)
+                                  cfg_interval=args.cfg_interval, couplings=args.couplings, precision=precision,
+                                  dfm_sampler=args.dfm_sampler)
             if args.couplings:
                 batch, codes, noise = batch
                 files.save_npy(os.path.join(parts, f"codes-{b:06d}.npy"), codes.cpu().numpy())
@@ -121,57 +259,24 @@ def pack(args, flow, labels, settings, parts, num_batches, start, world):
     kw = dict(labels=labels) if flow.num_classes else {}
     files.atomic_write(npz, lambda f: np.savez(f, arr_0=samples, settings=json.dumps(settings), **kw))
     files.write_json(os.path.join(args.out, "settings.json"), settings)
-    images.save_grid(images.class_grid(samples, labels), os.path.join(args.out, "grid.png"), nrow=10)
+    images.save_picture(images.sample_grid(samples, labels), os.path.join(args.out, "grid.png"))
     print(f"{len(samples)} samples {samples.shape[1:]} in {settings['seconds']:.1f} s -> {npz}, "
           f"{os.path.join(args.out, 'grid.png')}")
 
 
 def pack_couplings(args, flow, labels, settings, parts, num_batches):
-    """OUT/couplings: a code set (data.py) of the grids drawn, their labels and the noise z0 each started from,
-    which train.py reads like any code set and trains on with that noise held fixed (a reflow student). Written
-    to a temporary directory and renamed, so it is whole or absent."""
-    out, tmp = os.path.join(args.out, "couplings"), os.path.join(args.out, ".couplings.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    codes = np.concatenate([np.load(os.path.join(parts, f"codes-{b:06d}.npy")) for b in range(num_batches)])
-    noise = np.concatenate([np.load(os.path.join(parts, f"noise-{b:06d}.npy")) for b in range(num_batches)])
-    data.write_shard(tmp, 0, codes[:, None], labels, noise)
-    meta = {k: v for k, v in flow.meta.items() if k not in data.META_KEYS + ("format", "num_images", "split")}
-    data.write_meta(tmp, flow.codebook.numpy(), 1, grid=list(flow.grid), num_classes=flow.num_classes, views=1,
-                    **dict(meta, noise=True, teacher=settings))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    print(f"{len(codes)} couplings (noise, codes, label) -> {out}")
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description="Sample a trained flow into a PNG grid and an FID-ready .npz.")
-    p.add_argument("--ckpt", required=True, help="a checkpoint of train.py (RUN/checkpoints/last.pt)")
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--temperature", default="1.0",
-                   help="softmax temperature: a number, 'linear:T0:T1' or 'cosine:T0:T1' over t")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale s: uncond + s (cond - uncond)")
-    p.add_argument("--cfg-interval", default="0:1",
-                   help="LO:HI: guidance acts only at network evaluations with LO <= t <= HI (t = 0 is noise); "
-                   "the others make one conditional pass")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--solver", default="euler", choices=vfm.SOLVERS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--tokenizer", help="the tokenizer to decode with, if it moved since the codes were written")
-    p.add_argument("--tokenizer-ckpt", help="its weights, for a pretrained tokenizer named by --tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--couplings", action="store_true",
-                   help="also write OUT/couplings: the code grids with the noise each started from, a code set for "
-                   "training a reflow student (train.py --codes OUT/couplings --init CKPT)")
-    p.add_argument("--force", action="store_true", help="replace the samples.npz (and couplings) of an earlier run "
-                   "in --out")
-    return p.parse_args(argv)
+    """OUT/couplings: the grids drawn, their labels and the noise z0 each started from, a code set that train.py
+    trains a reflow student on with that noise held fixed."""
+    codes, noise = ([np.load(os.path.join(parts, f"{kind}-{b:06d}.npy")) for b in range(num_batches)]
+                    for kind in ("codes", "noise"))
+    out = os.path.join(args.out, "couplings")
+    codesets.write_couplings(out, np.concatenate(codes), labels, np.concatenate(noise), flow.codebook.numpy(),
+                             flow.meta, teacher=settings)
+    print(f"{len(labels)} couplings (noise, codes, label) -> {out}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run_command(sample, args)
+    run_command(lambda: sample(parse_args(argv)))
 
 
 if __name__ == "__main__":

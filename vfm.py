@@ -1,6 +1,6 @@
 """
-Purrception: variational flow matching over vector-quantized latents (arXiv 2510.01478), and the three
-baselines of the paper's comparative study, all on one backbone and one training loop.
+Purrception: variational flow matching over vector-quantized latents (arXiv 2510.01478). The three baselines
+of the paper's comparative study are in baselines.py, on the same backbone and training loop.
 
 Conventions, stated once and used by every file in this repo
 ------------------------------------------------------------
@@ -19,8 +19,8 @@ Conventions, stated once and used by every file in this repo
   A global scale s leaves every nearest code unchanged (the tokenizer never sees it), and the flow on s E is
   the paper's flow under the time change t' = s t / (1 + (s - 1) t): the point at time t of the path to s e is
   (1 - t + s t) times the point at time t' of the path to e, from the same z0. For s > 1 (codes smaller than
-  the noise, as unit-norm codes in d = 8, s = sqrt(8)) it spends training times and solver steps nearer the
-  data: with s = sqrt(8), t' < 1/2 only for t < 0.26.
+  the noise) it spends training times and solver steps nearer the data: with s = sqrt(8), t' < 1/2 only for
+  t < 0.26.
 * Classes: y in [0, num_classes); the null class ("no label") is the index num_classes. During training labels
   are replaced by the null class with probability p_uncond = 0.1 (as DiT), so the same network is also the
   unconditional model that guidance needs. With num_classes = 0 every label is the null class.
@@ -31,6 +31,7 @@ Conventions, stated once and used by every file in this repo
   evaluations with lo <= t <= hi; the others make one conditional pass. [0, 1], the default, is guidance
   everywhere.
 * Sampling steps: `steps` is the number of intervals of the uniform grid 0 = t_0 < ... < t_steps = 1.
+* Memory: samplers keep the network output in its dtype (bf16 under autocast), the rest CHUNK values at a time.
 
 Purrception in the paper's notation
 -----------------------------------
@@ -51,11 +52,10 @@ T_MIN = 1e-3
 Z_LOSS_WEIGHT = 1e-5
 P_UNCOND = 0.1
 EPS = 1e-6  # floor on 1 - t where the velocity divides by it
+CHUNK = 2 ** 26  # float32 values a sampler handles at once: 256 MiB, 4,096 positions at K = 16,384 (not 67 GB)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Path, times, codebook scale
-# ----------------------------------------------------------------------------------------------------------
+# ---- Path, times, codebook scale -------------------------------------------------------------------------
 
 def flow_codebook(codebook, scale="raw"):
     """The codebook the flow runs on: E itself ("raw", the paper's) or E / rms(E) ("rms")."""
@@ -102,11 +102,18 @@ def interpolate(z0, z1, t):
     return (1 - t) * z0 + t * z1
 
 
+def chunks(rows, width):
+    """Slices of `rows` rows of `width` values each, CHUNK values (and at least one row) a slice."""
+    step = max(1, CHUNK // max(1, width))
+    return [slice(lo, lo + step) for lo in range(0, rows, step)]
+
+
 def snap(z, codebook):
-    """Nearest codebook entry of every position: (B, *S, d) -> (B, *S) code indices."""
-    flat = z.reshape(-1, z.shape[-1]).float()
-    dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1))  # (B*S, K)
-    return dist.argmin(1).view(z.shape[:-1])
+    """Nearest codebook entry of every position: (B, *S, d) -> (B, *S) code indices, a chunk of positions at a time."""
+    flat, norms = z.reshape(-1, z.shape[-1]).float(), codebook.pow(2).sum(1)  # (B*S, d), (K,)
+    nearest = [(f.pow(2).sum(1, keepdim=True) - 2 * f @ codebook.T + norms).argmin(1)  # (n, K) -> (n,)
+               for f in (flat[rows] for rows in chunks(len(flat), len(codebook)))]
+    return torch.cat(nearest).view(z.shape[:-1])
 
 
 def drop_labels(y, num_classes, p_uncond, generator=None):
@@ -121,9 +128,7 @@ def null_labels(batch, num_classes, device):
     return torch.full((batch,), num_classes, dtype=torch.long, device=device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Temperature: a constant, or a schedule over t
-# ----------------------------------------------------------------------------------------------------------
+# ---- Temperature: a constant, or a schedule over t -------------------------------------------------------
 
 def parse_temperature(spec):
     """A temperature spec -> a function t -> tau.
@@ -175,9 +180,7 @@ def guidance_at(t, cfg_scale, cfg_interval=(0.0, 1.0)):
     return cfg_scale if lo - 1e-9 <= t <= hi + 1e-9 else 1.0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# ODE solvers over the grid t_0 = 0 < ... < t_steps = 1
-# ----------------------------------------------------------------------------------------------------------
+# ---- ODE solvers over the grid t_0 = 0 < ... < t_steps = 1 -----------------------------------------------
 
 def solve_ode(velocity, z, steps, solver="euler"):
     """Integrate dz/dt = velocity(z, t) from t = 0 to t = 1 in `steps` uniform steps.
@@ -225,18 +228,16 @@ def num_evaluations(steps, solver):
     return len(evaluation_times(steps, solver))
 
 
-def guided_evaluations(steps, solver, cfg_scale, cfg_interval=(0.0, 1.0), guidable=True):
+def guided_evaluations(steps, solver, cfg_scale, cfg_interval=(0.0, 1.0), guidable=True, times=None):
     """Network passes per sample (what sample.py records as `nfe`): two at each evaluation where guidance acts
     (cfg_scale not 0 or 1, as Objective.guided, and t in the interval), one elsewhere. guidable=False (a model
-    without classes): one everywhere."""
+    without classes): one everywhere. times: the evaluation times, where not solve_ode's (DFM.schedule's)."""
     on = guidable and cfg_scale not in (0, 1)
     return sum(2 if on and guidance_at(t, cfg_scale, cfg_interval) != 1 else 1
-               for t in evaluation_times(steps, solver))
+               for t in (evaluation_times(steps, solver) if times is None else times))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Objectives
-# ----------------------------------------------------------------------------------------------------------
+# ---- Objectives ------------------------------------------------------------------------------------------
 
 def cross_entropy_with_z_loss(logits, codes, z_loss_weight):
     """Per-sample loss (B,) of logits (B, *S, K) against codes (B, *S): -log softmax(l)_c + lambda * logsumexp(l)^2,
@@ -248,8 +249,8 @@ def cross_entropy_with_z_loss(logits, codes, z_loss_weight):
 
 
 class Objective:
-    """What a method trains and how it samples. Subclasses: Purrception, its regression variants CFM and
-    CFMEndpoint, and DFM.
+    """What a method trains and how it samples: a ContinuousFlow (Purrception, and the baselines CFM and
+    CFMEndpoint of baselines.py) or DFM (baselines.py).
 
     The network is any callable model(x, t, y): x (B, *S, d) float (or (B, *S) long for DFM), t (B,) in [0, 1],
     y (B,) long with the null class num_classes; it returns (B, *S, out_dim).
@@ -287,6 +288,10 @@ class Objective:
         otherwise, as noise() draws it)."""
         raise NotImplementedError
 
+    def noise(self, shape, generator=None):
+        """The source noise z0 of shape (B, *S, d); DFM, whose source is all masks, raises ValueError."""
+        raise NotImplementedError
+
     def to(self, device):
         self.codebook = self.codebook.to(device)
         return self
@@ -294,43 +299,37 @@ class Objective:
     def embed(self, codes):
         return self.codebook.to(codes.device)[codes]  # (B, *S, d)
 
-    def noise(self, shape, generator=None):
-        """The source noise z0 of shape (B, *S, d) of a continuous flow; DFM has none."""
-        raise ValueError(f"{self.name} starts from the all-mask source: it has no noise to fix")
-
     def labels(self, y, batch, device):
         return null_labels(batch, self.num_classes, device) if y is None else y
 
-    def guided(self, model, x, t, y, cfg_scale):
-        """The model's output under classifier-free guidance: uncond + s * (cond - uncond)."""
+    def guided_rows(self, model, x, t, y, cfg_scale):
+        """The model's output under classifier-free guidance, uncond + s * (cond - uncond), in float32 a chunk of
+        positions at a time: (shape (B, *S, out_dim), iterator of (rows, out (n, out_dim))), rows a slice of the
+        B * prod(S) positions. The model's output stays in its dtype; each chunk gets the arithmetic of the whole."""
         B = x.shape[0]
         null = null_labels(B, self.num_classes, x.device)
         t = torch.full((B,), float(t), device=x.device) if not torch.is_tensor(t) else t
-        if y is None or cfg_scale == 1:
-            return model(x, t, null if y is None else y).float()
-        if cfg_scale == 0:
-            return model(x, t, null).float()
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
-        cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+        if y is None or cfg_scale in (0, 1):
+            parts = [model(x, t, null if y is None or cfg_scale == 0 else y)]
+        else:  # cond and uncond: the two halves of one pass
+            parts = list(model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2))
+        flat = [p.reshape(-1, p.shape[-1]) for p in parts]  # (B * prod(S), out_dim) views
+        guide = (lambda c: c[0]) if len(flat) == 1 else (lambda c: c[1] + cfg_scale * (c[0] - c[1]))  # c: cond, uncond
+        return parts[0].shape, ((r, guide([p[r].float() for p in flat])) for r in chunks(*flat[0].shape))
+
+    def guided(self, model, x, t, y, cfg_scale):
+        """The model's whole output under guidance, (B, *S, out_dim) float32: what a sampler's callback sees."""
+        shape, rows = self.guided_rows(model, x, t, y, cfg_scale)
+        return torch.cat([out for _, out in rows]).view(shape)
 
     def _draw_t(self, codes, generator):
         return self._draw_times(codes.shape[0], codes.device, generator, self.t_min)
 
 
-class Purrception(Objective):
-    """Variational flow matching with a categorical posterior over the codes (the paper's method).
-
-    Loss: on the path z_t = (1 - t) z0 + t z1, the cross-entropy of the logits l_theta(z_t, t) against the true
-    code, plus the z-loss. Sampler: integrate u(z, t) = (mu(z, t) - z) / (1 - t) from z0 ~ N(0, I) to t = 1 and
-    snap to the nearest code. CFM and CFMEndpoint share this path, loss and sampler and change only what the
-    network outputs: per_sample_loss (its regression target) and velocity (how it gives u).
-    """
-
-    name = "purrception"
-
-    def model_io(self):
-        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
+class ContinuousFlow(Objective):
+    """A flow on the straight path from z0 ~ N(0, I) to z1 = E[c]: the loss scores the network output at z_t with
+    per_sample_loss; the sampler integrates its velocity to t = 1 and snaps to the nearest code. A subclass says
+    what the network outputs: model_io, per_sample_loss and velocity."""
 
     def noise(self, shape, generator=None):
         """z0 ~ N(0, I) of shape (B, *S, d): the source of the flow."""
@@ -346,20 +345,15 @@ class Purrception(Objective):
         per_sample = self.per_sample_loss(model(zt, t, y).float(), codes, z0, z1)  # (B,)
         return per_sample.mean(), per_sample.detach(), t
 
-    def per_sample_loss(self, logits, codes, z0, z1):
+    def per_sample_loss(self, out, codes, z0, z1):
         """The loss of each sample, (B,), from the network output at z_t (B, *S, out_dim), the codes (B, *S) and
-        the ends of the path z0, z1 (B, *S, d). Here -log q_theta(c | z_t) + lambda * logsumexp(l)^2 (the z-loss),
-        averaged over the positions."""
-        return cross_entropy_with_z_loss(logits, codes, self.z_loss_weight)
+        the ends of the path z0, z1 (B, *S, d)."""
+        raise NotImplementedError
 
-    def posterior_mean(self, logits, tau):
-        """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau."""
-        return torch.softmax(logits / tau, dim=-1) @ self.codebook  # (B, *S, K) @ (K, d) -> (B, *S, d)
-
-    def velocity(self, logits, z, t, tau):
-        """The velocity u(z, t), (B, *S, d), from the (guided) network output (B, *S, out_dim) at z (B, *S, d).
-        Here u = (mu - z) / (1 - t)."""
-        return (self.posterior_mean(logits, tau) - z) / max(1 - t, EPS)  # (B, *S, d)
+    def velocity(self, out, z, t, tau):
+        """The velocity u(z, t), (B, *S, d), from the (guided) network output (B, *S, out_dim) at z (B, *S, d),
+        at temperature tau; position by position, so that the sampler can take it a chunk of positions at a time."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
@@ -367,113 +361,39 @@ class Purrception(Objective):
         tau = parse_temperature(temperature)
         z = self.noise(shape, generator) if z0 is None else z0  # (B, *S, d): z0 ~ N(0, I)
 
-        def u(z, t):
-            out = self.guided(model, z, t, y, guidance_at(t, cfg_scale, cfg_interval))  # (B, *S, out_dim)
+        def u(z, t):  # (B, *S, d): velocity() chunk by chunk of positions, or of the whole output a callback sees
+            shape, rows = self.guided_rows(model, z, t, y, guidance_at(t, cfg_scale, cfg_interval))
             if callback is not None:
+                out = torch.cat([o for _, o in rows]).view(shape)  # (B, *S, out_dim)
                 callback(t, z, out)
-            return self.velocity(out, z, t, tau(t))  # (B, *S, d)
+                return self.velocity(out, z, t, tau(t))
+            flat = z.reshape(-1, z.shape[-1])  # (B * prod(S), d)
+            return torch.cat([self.velocity(out, flat[r], t, tau(t)) for r, out in rows]).view_as(z)
 
         return snap(solve_ode(u, z, steps, solver), self.codebook)  # (B, *S)
 
 
-class CFM(Purrception):
-    """Conditional flow matching: Purrception's path and sampler, with another regression target. The network
-    outputs the velocity itself, v (B, *S, d), trained by MSE against z1 - z0."""
+class Purrception(ContinuousFlow):
+    """Variational flow matching with a categorical posterior over the codes (the paper's method, in its notation
+    above): logits l_theta(z_t, t) over the K codes, cross-entropy plus the z-loss, u = (mu - z) / (1 - t)."""
 
-    name = "cfm"
-
-    def model_io(self):
-        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
-
-    def per_sample_loss(self, v, codes, z0, z1):
-        return (v - (z1 - z0)).pow(2).flatten(1).mean(1)  # (B, *S, d) -> (B,)
-
-    def velocity(self, v, z, t, tau):
-        return v  # (B, *S, d)
-
-
-class CFMEndpoint(Purrception):
-    """Flow matching with an endpoint (data) prediction: Purrception's path and sampler, with another regression
-    target. The network outputs z1_hat (B, *S, d), trained by MSE against z1; the velocity is (z1_hat - z) / (1 - t).
-    """
-
-    name = "cfm-endpoint"
+    name = "purrception"
 
     def model_io(self):
-        return dict(in_dim=self.code_dim, out_dim=self.code_dim, input_vocab=None)
+        return dict(in_dim=self.code_dim, out_dim=self.num_codes, input_vocab=None)
 
-    def per_sample_loss(self, z1_hat, codes, z0, z1):
-        return (z1_hat - z1).pow(2).flatten(1).mean(1)  # (B, *S, d) -> (B,)
+    def per_sample_loss(self, logits, codes, z0, z1):
+        """-log q_theta(c | z_t) + lambda * logsumexp(l)^2 (the z-loss), averaged over the positions: (B,)."""
+        return cross_entropy_with_z_loss(logits, codes, self.z_loss_weight)
 
-    def velocity(self, z1_hat, z, t, tau):
-        return (z1_hat - z) / max(1 - t, EPS)  # (B, *S, d)
+    def posterior_mean(self, logits, tau):
+        """mu = softmax(l / tau) @ E: the expected code embedding under the posterior at temperature tau, (B, *S, K)
+        (any float dtype) -> (B, *S, d) float32, a chunk of positions at a time."""
+        flat = logits.reshape(-1, logits.shape[-1])  # (B * prod(S), K)
+        mu = [torch.softmax(flat[rows].float() / tau, dim=-1) @ self.codebook for rows in chunks(*flat.shape)]
+        return torch.cat(mu).view(*logits.shape[:-1], self.code_dim)  # (n, K) @ (K, d) -> (n, d), chunk by chunk
 
+    def velocity(self, logits, z, t, tau):
+        """u = (mu - z) / (1 - t), (B, *S, d), from the logits (B, *S, K) at z (B, *S, d)."""
+        return (self.posterior_mean(logits, tau) - z) / max(1 - t, EPS)  # (B, *S, d)
 
-class DFM(Objective):
-    """Discrete flow matching (Gat et al. 2024) with a masked source and the scheduler kappa_t = t.
-
-    The source is all-mask (token index K); x_t keeps each true code with probability kappa_t = t and masks it
-    otherwise. The network embeds each of the K + 1 tokens straight into its width (as the paper's DFM does) and
-    predicts p(c | x_t) at every position; the loss is the cross-entropy over all positions plus the z-loss, as
-    in the paper's code (masked positions only would weight each sample by about 1 / (1 - t)). The sampler is
-    the discrete Euler step: over [t, t + h] a masked token is revealed with probability
-    h * kappa'(t) / (1 - kappa(t)) = h / (1 - t), drawing its code from softmax(l / tau); the last step reveals
-    every remaining token. The network gives K logits (the paper's code gives K + 1, the mask's never a target).
-    """
-
-    name = "dfm"
-
-    @property
-    def mask_token(self):
-        return self.num_codes
-
-    def model_io(self):
-        return dict(in_dim=None, out_dim=self.num_codes, input_vocab=self.num_codes + 1)
-
-    def loss(self, model, codes, y=None, generator=None, z0=None):
-        if z0 is not None:
-            self.noise(codes.shape)  # raises: DFM has no noise
-        B = codes.shape[0]
-        t = self._draw_t(codes, generator)  # (B,)
-        kappa = t.view(-1, *[1] * (codes.dim() - 1))  # (B, 1, ...)
-        keep = torch.rand(codes.shape, device=codes.device, generator=generator) < kappa  # (B, *S)
-        xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))  # (B, *S)
-        y = drop_labels(self.labels(y, B, codes.device), self.num_classes, self.p_uncond, generator)
-        per_sample = cross_entropy_with_z_loss(model(xt, t, y).float(), codes, self.z_loss_weight)  # (B,)
-        return per_sample.mean(), per_sample.detach(), t
-
-    @torch.no_grad()
-    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
-               generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
-        if z0 is not None:
-            self.noise(shape)  # raises: DFM has no noise
-        if solver != "euler":
-            raise ValueError(f"DFM samples with its discrete Euler step only, not '{solver}'")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        device = self.codebook.device
-        tau = parse_temperature(temperature)
-        x = torch.full(shape, self.mask_token, dtype=torch.long, device=device)  # (B, *S): all masked at t = 0
-        ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
-        for i in range(steps):
-            t, h = ts[i], ts[i + 1] - ts[i]
-            logits = self.guided(model, x, t, y, guidance_at(t, cfg_scale, cfg_interval))  # (B, *S, K)
-            if callback is not None:
-                callback(t, x, logits)
-            reveal = torch.rand(shape, device=device, generator=generator) < min(h / (1 - t), 1.0)  # (B, *S)
-            reveal &= x == self.mask_token  # the masked tokens revealed in this step draw their codes
-            if reveal.any():
-                probs = torch.softmax(logits[reveal] / tau(t), dim=-1)  # (R, K)
-                x = x.masked_scatter(reveal, torch.multinomial(probs, 1, generator=generator).squeeze(1))
-        return x
-
-
-OBJECTIVES = {"purrception": Purrception, "cfm": CFM, "cfm-endpoint": CFMEndpoint, "dfm": DFM}
-
-
-def build_objective(name, codebook, num_classes=0, **kw):
-    """The objective named `name` (a key of OBJECTIVES); kw: p_uncond, t_min, z_loss_weight, codebook_scale,
-    time_dist."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective '{name}'; choose from: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](codebook, num_classes, **kw)

@@ -1,11 +1,11 @@
-"""bench.py: the table it prints and appends, its errors, and the OOM row. No timing is asserted."""
+"""experiments/bench.py: the table it prints and appends, its errors, and the OOM row. No timing is asserted."""
 
 
 import pytest
 import torch
 
-import bench
 from conftest import fill_the_disk
+from experiments import bench
 
 TINY = ["--models", "DiT-T/2", "--batch-size", "2", "--grid", "4", "--codebook-size", "16", "--num-classes", "3",
         "--steps", "1", "--warmup", "1", "--threads", "1"]
@@ -32,7 +32,7 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
     text = out.read_text()
     assert text.startswith("# My benchmarks\n\nkept as is\n")
     assert "| " + " | ".join(bench.COLUMNS) + " |" in text
-    assert "python bench.py --models DiT-T/2 --batch-size 2" in text
+    assert "python experiments/bench.py --models DiT-T/2 --batch-size 2" in text
     assert f"torch {torch.__version__}" in text and " UTC: " in text
     rows = table_rows(text)
     assert [[r[0], *r[2:5]] for r in rows] == [["DiT-T/2", "fp32", "no", "2"], ["DiT-T/2", "bf16", "no", "2"]]

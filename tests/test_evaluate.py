@@ -9,11 +9,9 @@ import pytest
 import scipy.linalg
 import torch
 
-import data
 import evaluate
-import tokenizers
-from conftest import FASHION_MNIST, fill_the_disk, run_cli
-
+from conftest import FASHION_MNIST, fake_mnist, fill_the_disk, one_line_error, run_cli
+from support import datasets, lenet, metrics, tokenizers
 
 # ----------------------------------------------------------------------------------------------------------
 # Frechet distance and coverage on exact answers
@@ -27,19 +25,19 @@ def _random_covariance(rng, d):
 def test_frechet_distance_of_identical_gaussians_is_zero():
     rng = np.random.default_rng(0)
     mu, sigma = rng.normal(size=64), _random_covariance(rng, 64)
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
 def test_frechet_distance_of_shifted_identities_is_the_squared_shift():
     m = np.arange(1.0, 6.0)
-    assert evaluate.frechet_distance(np.zeros(5), np.eye(5), m, np.eye(5)) == pytest.approx(m @ m, abs=1e-9)
+    assert metrics.frechet_distance(np.zeros(5), np.eye(5), m, np.eye(5)) == pytest.approx(m @ m, abs=1e-9)
 
 
 def test_frechet_distance_of_diagonal_gaussians_has_a_closed_form():
     rng = np.random.default_rng(1)
     mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0, 3, 8), rng.uniform(0, 3, 8)
     exact = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(exact, rel=1e-10)
+    assert metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(exact, rel=1e-10)
 
 
 def test_frechet_distance_agrees_with_sqrtm_of_the_product():
@@ -47,19 +45,19 @@ def test_frechet_distance_agrees_with_sqrtm_of_the_product():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     s1, s2 = _random_covariance(rng, 16), _random_covariance(rng, 16)
     usual = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(usual, rel=1e-8)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(usual, rel=1e-8)
 
 
 def test_coverage_counts_the_real_balls_that_hold_a_sample():
     real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])  # k = 1: radii 1, 1, 1, 1, 7
-    assert evaluate.coverage(real, [[2.5]], k=1) == pytest.approx(2 / 5)  # the balls of 2 and 3
-    assert evaluate.coverage(real, [[10.0]], k=1) == pytest.approx(1 / 5)  # the ball of 10 only
-    assert evaluate.coverage(real, [[4.0]], k=1) == pytest.approx(2 / 5)  # on 3's boundary, inside 10's ball
-    assert evaluate.coverage(real, [[-1.0]], k=1) == pytest.approx(1 / 5)  # on 0's boundary
-    assert evaluate.coverage(real, real, k=1) == 1.0
-    assert evaluate.coverage(real, np.zeros((0, 1)), k=1) == 0.0
+    assert metrics.coverage(real, [[2.5]], k=1) == pytest.approx(2 / 5)  # the balls of 2 and 3
+    assert metrics.coverage(real, [[10.0]], k=1) == pytest.approx(1 / 5)  # the ball of 10 only
+    assert metrics.coverage(real, [[4.0]], k=1) == pytest.approx(2 / 5)  # on 3's boundary, inside 10's ball
+    assert metrics.coverage(real, [[-1.0]], k=1) == pytest.approx(1 / 5)  # on 0's boundary
+    assert metrics.coverage(real, real, k=1) == 1.0
+    assert metrics.coverage(real, np.zeros((0, 1)), k=1) == 0.0
     with pytest.raises(ValueError, match="more than 5 real points"):
-        evaluate.coverage(real, real)
+        metrics.coverage(real, real)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,14 +68,14 @@ def test_coverage_counts_the_real_balls_that_hold_a_sample():
 def classifier(tmp_path_factory):
     """A classifier trained for 2 epochs on 6,000 training images: (path, info)."""
     path = str(tmp_path_factory.mktemp("classifier") / "classifier.pt")
-    evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path, limit=6000, epochs=2)
-    _, info = evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path)
+    lenet.load_classifier("fashion-mnist", FASHION_MNIST, path, limit=6000, epochs=2)
+    _, info = lenet.load_classifier("fashion-mnist", FASHION_MNIST, path)
     return path, info
 
 
 @pytest.fixture(scope="module")
 def test_split():
-    return data.load_mnist("fashion-mnist", FASHION_MNIST, "test")
+    return datasets.load_mnist("fashion-mnist", FASHION_MNIST, "test")
 
 
 def test_classifier_is_cached_and_well_above_chance(classifier, tmp_path):
@@ -86,14 +84,14 @@ def test_classifier_is_cached_and_well_above_chance(classifier, tmp_path):
     assert info["test_accuracy"] > 0.75  # chance is 0.10
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f]
     mtime = os.stat(path).st_mtime_ns
-    _, again = evaluate.load_classifier("fashion-mnist", FASHION_MNIST, path)
+    _, again = lenet.load_classifier("fashion-mnist", FASHION_MNIST, path)
     assert again == info and os.stat(path).st_mtime_ns == mtime  # read back, not trained again
 
 
 def test_classifier_training_repeats_exactly():
-    first, info1 = evaluate.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
+    first, info1 = lenet.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
     state = torch.get_rng_state()
-    second, info2 = evaluate.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
+    second, info2 = lenet.train_classifier("fashion-mnist", FASHION_MNIST, epochs=1, limit=256)
     assert torch.equal(state, torch.get_rng_state())  # the caller's random state is left alone
     assert info1["test_accuracy"] == info2["test_accuracy"]
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
@@ -103,22 +101,22 @@ def test_bad_classifier_files_are_errors_not_retrained(classifier, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pt: not a readable PyTorch file.*a classifier file.*delete it"):
-        evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(broken))
+        lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(broken))
     with pytest.raises(ValueError, match="a classifier of fashion-mnist, not of mnist"):
-        evaluate.load_classifier("mnist", FASHION_MNIST, classifier[0])
+        lenet.load_classifier("mnist", FASHION_MNIST, classifier[0])
     record = torch.load(classifier[0], weights_only=True)
     record["model"]["head.weight"] = torch.zeros(3, 128)
     torch.save(record, tmp_path / "misfit.pt")
     with pytest.raises(ValueError, match="misfit.pt: its weights do not fit the classifier.*delete it"):
-        evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(tmp_path / "misfit.pt"))
+        lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(tmp_path / "misfit.pt"))
 
 
 def test_default_classifier_path_honours_xdg_cache_home(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
-    assert evaluate.default_classifier_path("mnist") == "/somewhere/purrception/classifier-mnist.pt"
+    assert lenet.default_classifier_path("mnist") == "/somewhere/purrception/classifier-mnist.pt"
     monkeypatch.delenv("XDG_CACHE_HOME")
     expected = os.path.expanduser("~/.cache/purrception/classifier-fashion-mnist.pt")
-    assert evaluate.default_classifier_path("fashion-mnist") == expected
+    assert lenet.default_classifier_path("fashion-mnist") == expected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ def test_the_test_split_against_itself(classifier, test_split):
     assert m["coverage"] == 1.0 and m["coverage_per_class"] == [1.0] * 10
     assert m["accuracy"] == info["test_accuracy"]
     assert sum(m["class_histogram"]) == 10000 and m["num_samples"] == 10000
-    assert m["class_names"] == data.CLASS_NAMES["fashion-mnist"]
+    assert m["class_names"] == datasets.CLASS_NAMES["fashion-mnist"]
     json.dumps(m)  # JSON-ready
 
 
@@ -146,7 +144,7 @@ def test_constant_images_cover_nothing(classifier, test_split):
 
 
 def test_real_training_images_without_labels(classifier, test_split):
-    images, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    images, labels = datasets.load_mnist("fashion-mnist", FASHION_MNIST, "train")
     m = evaluate.evaluate_images(images[-2000:, :, :, None], None, "fashion-mnist", FASHION_MNIST, classifier[0])
     constant = evaluate.evaluate_images(np.zeros((2000, 28, 28, 1), np.uint8), None, "fashion-mnist",
                                         FASHION_MNIST, classifier[0])
@@ -259,7 +257,7 @@ def test_cli_on_a_missing_file_prints_one_line_and_exits_2(tmp_path):
     ("a tokenizer", "samples.npz: no array 'arr_0' (found: samples/"),
     ("wrong data dir", "nowhere: no such directory"),
     ("broken classifier", "c.pt: not a readable PyTorch file"),
-    ("missing tokenizer", "none.pt: no such file; expected a tokenizer written by `python vq.py train`"),
+    ("missing tokenizer", "none.pt: no such file; expected a tokenizer written by `python tokenizer.py train`"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(case, message, tmp_path, capsys):
     npz = tmp_path / "samples.npz"
@@ -318,7 +316,7 @@ def test_outputs_are_checked_before_the_work(case, message, classifier, tmp_path
              "out under a file": ["--out", str(tmp_path / "file" / "m.json")],
              "classifier under a file": ["--classifier", str(tmp_path / "file" / "c.pt")],
              "classifier is a directory": ["--classifier", str(tmp_path / "dir.json")]}[case]
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(lenet, "train_classifier", lambda *a, **k: pytest.fail("trained before checking"))
     monkeypatch.setattr(evaluate, "extract", lambda *a, **k: pytest.fail("scored before checking"))
     with pytest.raises(SystemExit) as e:
         evaluate.main(args)
@@ -340,3 +338,92 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_metrics(classifier, test_spl
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
         f"error: {tmp_path / 'metrics.json'}: No space left on device"]
     assert (tmp_path / "metrics.json").read_text() == '{"fid": 1.0}\n' and not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data a classifier and samples come from
+# ----------------------------------------------------------------------------------------------------------
+
+def _changed_record(classifier, path, **changes):
+    """A copy of the module's classifier file at `path` with some entries changed (None: removed)."""
+    record = torch.load(classifier[0], weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del record[key]
+        else:
+            record[key] = value
+    torch.save(record, path)
+    return path
+
+
+def test_the_classifier_records_its_data(classifier):
+    known = datasets.KNOWN_MD5["fashion-mnist"]
+    assert classifier[1]["data"] == {"dataset": "fashion-mnist", "train_images_md5": known["train-images-idx3-ubyte"],
+                                     "test_images_md5": known["t10k-images-idx3-ubyte"]}
+
+
+def test_a_classifier_of_fashion_mnist_images_refuses_to_score_mnist(classifier, tmp_path, monkeypatch, capsys):
+    """classifier-mnist.pt trained on Fashion-MNIST's files (as --dataset mnist read them before their contents were
+    checked) against MNIST's: one line, and nothing is trained or written."""
+    data_dir = fake_mnist(tmp_path / "mnist", monkeypatch)
+    path = _changed_record(classifier, tmp_path / "classifier-mnist.pt", dataset="mnist")
+    npz = _write_samples(tmp_path / "samples.npz", np.zeros((4, 28, 28, 1), np.uint8))
+    before = path.read_bytes()
+    monkeypatch.setattr(lenet, "train_classifier", lambda *a, **k: pytest.fail("trained a new classifier"))
+    line = one_line_error(capsys, evaluate.main, ["--samples", npz, "--dataset", "mnist", "--data-dir", data_dir,
+                                                  "--classifier", path])
+    assert line == (f"error: {path} was trained on Fashion-MNIST's images, not MNIST's; delete it to train a new one, "
+                    f"or pass another --classifier")
+    assert path.read_bytes() == before and not (tmp_path / "metrics.json").exists()
+
+
+def test_the_classifier_refuses_a_test_split_it_was_not_tested_on(classifier, tmp_path):
+    for stem in datasets.MNIST_FILES["test"]:  # Fashion-MNIST's test split, one pixel changed
+        raw = bytearray(datasets._read_bytes(datasets._find(FASHION_MNIST, stem)))
+        if "images" in stem:
+            raw[1000] ^= 0xFF
+        (tmp_path / stem).write_bytes(bytes(raw))
+    changed = datasets.md5((tmp_path / "t10k-images-idx3-ubyte").read_bytes())
+    recorded = datasets.KNOWN_MD5["fashion-mnist"]["t10k-images-idx3-ubyte"]
+    with pytest.raises(ValueError) as e:
+        lenet.load_classifier("fashion-mnist", str(tmp_path), classifier[0])
+    assert str(e.value) == (f"{classifier[0]} was trained on other images than those in {tmp_path} (test images MD5 "
+                            f"{recorded}, not {changed}); delete it to train a new one, or pass another --classifier")
+
+
+def test_a_classifier_without_a_data_record_is_refused(classifier, tmp_path):
+    unknown = _changed_record(classifier, tmp_path / "unknown.pt", data=None)
+    with pytest.raises(ValueError, match=r"unknown.pt: no record of the data it was trained on; delete it"):
+        lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(unknown))
+
+
+@pytest.mark.parametrize("origin,where", [
+    ("settings", "{npz} (its settings)"),
+    ("data", "{npz} (its settings)"),
+    ("known images", "{npz} (its settings)"),
+])
+def test_samples_of_a_flow_of_another_dataset_are_refused_before_any_work(origin, where, tmp_path, monkeypatch,
+                                                                          capsys):
+    mnist_train = datasets.KNOWN_MD5["mnist"]["train-images-idx3-ubyte"]
+    settings = {"settings": {"dataset": "mnist"},
+                "data": {"data": {"dataset": "mnist", "split": "train", "images_md5": mnist_train}},
+                "known images": {"dataset": "fashion-mnist", "data": {"images_md5": mnist_train}}}[origin]
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, arr_0=np.zeros((4, 28, 28, 1), np.uint8), settings=json.dumps(settings))
+    monkeypatch.setattr(lenet, "train_classifier", lambda *a, **k: pytest.fail("trained before checking"))
+    line = one_line_error(capsys, evaluate.main, ["--samples", npz, "--dataset", "fashion-mnist", "--data-dir",
+                                                  tmp_path / "data", "--classifier", tmp_path / "c.pt"])
+    assert line == (f"error: {npz}: samples of a flow trained on mnist codes ({where.format(npz=npz)}), "
+                    f"not fashion-mnist's; score them with --dataset mnist and its --data-dir")
+    assert sorted(os.listdir(tmp_path)) == ["samples.npz"]
+
+
+def test_samples_that_do_not_say_their_dataset_are_scored(tmp_path):
+    npz = tmp_path / "samples.npz"
+    for settings in ({"ckpt": str(tmp_path / "last.pt"), "step": 40}, {"steps": 1}):
+        np.savez(npz, arr_0=np.zeros((4, 28, 28, 1), np.uint8), settings=json.dumps(settings))
+        assert evaluate.samples_origin(npz) is None
+    np.savez(npz, arr_0=np.zeros((4, 28, 28, 1), np.uint8))  # no settings at all
+    assert evaluate.samples_origin(npz) is None
+    np.savez(npz, arr_0=np.zeros((4, 28, 28, 1), np.uint8), settings=json.dumps({"dataset": "fashion-mnist"}))
+    evaluate.check_samples_dataset(npz, "fashion-mnist")  # the same dataset: no error

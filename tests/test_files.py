@@ -1,11 +1,11 @@
-"""files.py: a write that fails leaves the earlier file whole and names the file; checked loads name the path."""
+"""support/files.py: a write that fails leaves the earlier file whole and names the file; checked loads name the path."""
 
 import errno
 
 import pytest
 import torch
 
-import files
+from support import files
 
 
 def test_a_failed_write_keeps_the_earlier_file_and_names_it(tmp_path):

@@ -1,4 +1,4 @@
-"""llamagen.py on random weights: the published checkpoint layout, encode/decode shapes, the cosine lookup, and
+"""support/llamagen.py on random weights: the published checkpoint layout, encode/decode shapes, the cosine lookup, and
 load_llamagen's round trip and its one-line errors."""
 
 import argparse
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, load_llamagen
+from support.llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, load_llamagen
 
 NAMES = list(LLAMAGEN_CONFIGS)
 

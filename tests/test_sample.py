@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import flows
-import images
+import baselines
 import sample
 import train
 import vfm
-from conftest import FASHION_MNIST, fill_the_disk, run_cli
-from data import CodeSet
+from PIL import Image
+
+from conftest import FASHION_MNIST, fill_the_disk, one_line_error, run_cli
+from support import checkpoint, images
+from support.codesets import CodeSet
 
 
 def load(out):
@@ -34,7 +36,11 @@ def test_samples_npz_grid_and_settings(flow_ckpts, tmp_path):
     assert (settings["temperature"], settings["cfg_scale"], settings["steps"], settings["solver"]) == \
         ("0.9", 1.5, 4, "heun")
     assert settings["weights"] == "ema" and settings["nfe"] == 2 * 7  # Heun: 2 * 4 - 1 evaluations, doubled by CFG
+    assert (settings["precision"], settings["classes"], settings["dfm_sampler"]) == ("fp32", None, None)  # on CPU
+    assert settings["dataset"] == "fashion-mnist" and settings["data"]["images_md5"]  # what evaluate.py checks
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG" and not (out / ".parts").exists()
+    # 2 or 3 samples of each of 10 classes: 2 rows of 5 classes x 2 samples, 28-px tiles doubled, no empty cell
+    assert Image.open(out / "grid.png").size == ((10 * 30 + 2) * 2, (2 * 30 + 2) * 2)
 
 
 def test_same_seed_same_images_and_each_option_changes_them(flow_ckpts, tmp_path):
@@ -62,6 +68,88 @@ def test_dfm_samples_with_its_discrete_sampler(flow_ckpts, tmp_path):
     assert rc == 2 and "discrete Euler step only" in err and "Traceback" not in err
 
 
+def test_dfm_sampler_redraw_is_the_authors_and_is_recorded(flow_ckpts, tmp_path, capsys):
+    """--dfm-sampler redraw: the authors' sampler (baselines.DFM), steps - 1 network evaluations from t = 1e-4;
+    a DFM option only."""
+    base = ["--ckpt", str(flow_ckpts["dfm"]), "--num-samples", "6", "--steps", "4", "--cfg-scale", "2"]
+    out = {}
+    for name in ("reveal", "redraw"):
+        sample.main(base + ["--dfm-sampler", name, "--out", str(tmp_path / name)])
+        out[name] = load(tmp_path / name)
+    settings = {name: json.loads(str(npz["settings"])) for name, npz in out.items()}
+    assert (settings["reveal"]["dfm_sampler"], settings["reveal"]["nfe"]) == ("reveal", 2 * 4)
+    assert (settings["redraw"]["dfm_sampler"], settings["redraw"]["nfe"]) == ("redraw", 2 * 3)
+    flow = checkpoint.Flow(str(flow_ckpts["dfm"]))
+    redrawn = sample.generate(flow, sample.sample_labels(6, 10), sample.batch_seed(0, 0), steps=4, cfg_scale=2.0,
+                              dfm_sampler="redraw")
+    assert np.array_equal(out["redraw"]["arr_0"], redrawn) and not np.array_equal(redrawn, out["reveal"]["arr_0"])
+    capsys.readouterr()  # the runs' progress bars
+    line = one_line_error(capsys, sample.main, ["--ckpt", flow_ckpts["purrception"], "--dfm-sampler", "redraw",
+                                                "--out", tmp_path / "p"])
+    assert "--dfm-sampler redraw:" in line and "is a purrception model, not DFM" in line
+    assert not (tmp_path / "p" / "samples.npz").exists()
+
+
+def test_classes_draws_those_classes_in_turn_and_records_them(flow_ckpts, tmp_path, capsys):
+    ckpt = flow_ckpts["purrception"]
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "7", "--steps", "3", "--cfg-scale", "2", "--classes", "7,2,9",
+                 "--out", str(tmp_path / "c")])
+    npz, labels = load(tmp_path / "c"), np.array([7, 2, 9, 7, 2, 9, 7])
+    assert np.array_equal(npz["labels"], labels) and json.loads(str(npz["settings"]))["classes"] == [7, 2, 9]
+    flow = checkpoint.Flow(str(ckpt))
+    assert np.array_equal(npz["arr_0"], sample.generate(flow, labels, sample.batch_seed(0, 0), steps=3, cfg_scale=2.0))
+    for spec, message in (("10", "class 10 is out of range: " + f"{ckpt} has 10 classes, 0 to 9"),
+                          ("1,x", "expected class indices separated by commas"), ("-1", "expected class indices"),
+                          ("", "expected class indices")):
+        capsys.readouterr()  # the runs' progress bars
+        line = one_line_error(capsys, sample.main, ["--ckpt", ckpt, "--classes", spec, "--out", tmp_path / "x"])
+        assert f"--classes {spec}: " in line and message in line
+        assert not (tmp_path / "x" / "samples.npz").exists()
+
+
+def test_precision_bf16_runs_on_cpu_and_is_recorded(flow_ckpts, tmp_path):
+    """--precision bf16 runs the network under bf16 autocast, on a CPU too (test_vfm.py checks that only the
+    network does); auto is fp32 on CPU."""
+    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "5", "--steps", "3", "--cfg-scale", "2"]
+    for precision in ("bf16", "auto"):
+        sample.main(base + ["--precision", precision, "--out", str(tmp_path / precision)])
+    flow = checkpoint.Flow(str(flow_ckpts["purrception"]))
+    labels = sample.sample_labels(5, 10)
+    npz = {precision: load(tmp_path / precision) for precision in ("bf16", "auto")}
+    assert [json.loads(str(npz[p]["settings"]))["precision"] for p in ("bf16", "auto")] == ["bf16", "fp32"]
+    assert np.array_equal(npz["bf16"]["arr_0"], sample.generate(flow, labels, sample.batch_seed(0, 0), steps=3,
+                                                                cfg_scale=2.0, precision="bf16"))
+    assert np.array_equal(npz["auto"]["arr_0"], sample.generate(flow, labels, sample.batch_seed(0, 0), steps=3,
+                                                                cfg_scale=2.0))
+    assert not np.array_equal(npz["bf16"]["arr_0"], npz["auto"]["arr_0"])  # bf16 logits: a few other codes
+
+
+def test_grid_is_a_compact_picture_of_the_samples_drawn():
+    """grid.png: the classes in the order drawn, a row of each (or several classes a row, when each has few
+    samples), at most 8 rows and 10 columns, every cell a sample; 256-px images shrink to 128-px tiles."""
+
+    def tiles(n, size, labels, channels=3):  # image i a flat grey of 10 * i % 250
+        return np.atleast_3d(images.sample_grid(
+            np.stack([np.full((size, size, channels), 10 * i % 250, np.uint8) for i in range(n)]), labels))
+
+    def at(picture, row, col, tile, scale=1):  # the value at the centre of a tile (pad 2, before enlarging)
+        return picture[scale * (2 + row * (tile + 2) + tile // 2), scale * (2 + col * (tile + 2) + tile // 2), 0]
+
+    # 16 samples over 64 classes (one each, classes 0-15): 2 rows of 8, 256-px images as 128-px tiles
+    picture = tiles(16, 256, np.arange(16) % 64)
+    assert picture.shape[:2] == (2 * 130 + 2, 8 * 130 + 2)
+    assert [[at(picture, r, c, 128) for c in range(8)] for r in range(2)] == \
+        [[10 * (8 * r + c) for c in range(8)] for r in range(2)]
+    # 1,000 samples over 10 classes: a row for each of the first 8, its first 10 samples; 32-px images doubled
+    picture = tiles(1000, 32, np.arange(1000) % 10, channels=1)
+    assert picture.shape == (2 * (8 * 34 + 2), 2 * (10 * 34 + 2), 1)
+    assert [at(picture, r, 3, 32, scale=2) for r in range(8)] == [10 * (r + 10 * 3) % 250 for r in range(8)]
+    # --classes 7,2,9: rows in the order drawn; an unconditional model's 16 samples fill 2 rows of 8
+    picture = tiles(30, 64, np.array([7, 2, 9] * 10))
+    assert picture.shape[:2] == (3 * 66 + 2, 10 * 66 + 2) and [at(picture, r, 0, 64) for r in range(3)] == [0, 10, 20]
+    assert tiles(16, 64, np.zeros(16, np.int64)).shape[:2] == (2 * 66 + 2, 8 * 66 + 2)
+
+
 def test_torchrun_gives_the_same_samples_and_couplings_as_one_process(flow_ckpts, tmp_path):
     args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "4",
             "--couplings"]
@@ -80,8 +168,8 @@ def test_bad_input(flow_ckpts, tmp_path):
     assert rc == 2 and "missing.pt: no such file" in err and "Traceback" not in err
     rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"], "--temperature", "warm", "--out", tmp_path)
     assert rc == 2 and "bad temperature 'warm'" in err
-    import vq  # a second tokenizer, trained from another seed: its codebook differs from the codes'
-    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "vq2"),
+    import tokenizer  # a second tokenizer, trained from another seed: its codebook differs from the codes'
+    tokenizer.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "vq2"),
              "--limit", "64", "--steps", "2", "--batch-size", "32", "--seed", "1"])
     rc, _, err = run_cli("sample.py", "--ckpt", flow_ckpts["purrception"],
                          "--tokenizer", tmp_path / "vq2" / "tokenizer.pt", "--out", tmp_path / "o2")
@@ -116,7 +204,7 @@ def test_bad_numbers_and_paths_are_one_line_before_any_work(flow_ckpts, tmp_path
     assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
-def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir, tmp_path):
+def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir, tmp_path, capsys):
     codes = tmp_path / "codes"
     shutil.copytree(codes_dir, codes)
     meta = json.loads((codes / "meta.json").read_text())
@@ -127,6 +215,10 @@ def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir
                          "--steps", "5", "--cfg-scale", "2", "--out", tmp_path / "s")
     assert rc == 0 and "--cfg-scale 2.0 is ignored" in err
     assert json.loads((tmp_path / "s" / "settings.json").read_text())["nfe"] == 5
+    capsys.readouterr()
+    line = one_line_error(capsys, sample.main, ["--ckpt", tmp_path / "run" / "checkpoints" / "last.pt", "--classes",
+                                                "1", "--out", tmp_path / "c"])
+    assert "--classes 1: " in line and "was trained without labels, so it has no classes" in line
 
 
 def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, monkeypatch):
@@ -139,42 +231,37 @@ def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, mo
 
 def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_ckpts, codes_dir, tmp_path):
     """sample.py draws what the objective at the checkpoint's own scale draws, and the same weights on the other
-    scale draw other images. A checkpoint from before the option ran on E / rms(E), and samples so."""
+    scale draw other images."""
     run = tmp_path / "raw"
     train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "1", "--model", "DiT-T/1",
                 "--batch-size", "8", "--sample-every", "0"])
     raw_ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    assert raw_ckpt["args"]["codebook_scale"] == "raw"  # the default, the paper's
+    assert raw_ckpt["settings"]["codebook_scale"] == "raw"  # the default, the paper's
     E = raw_ckpt["codebook"]
-    assert torch.equal(flows.Flow(str(run / "checkpoints" / "last.pt")).objective.codebook, E)
+    assert torch.equal(checkpoint.Flow(str(run / "checkpoints" / "last.pt")).objective.codebook, E)
     path = flow_ckpts["purrception"]  # trained with --codebook-scale rms, far enough to depend on the noise
-    flow = flows.Flow(str(path))
+    flow = checkpoint.Flow(str(path))
     assert torch.equal(flow.objective.codebook, vfm.flow_codebook(E, "rms"))
 
     def draw(scale):
-        objective = vfm.build_objective("purrception", E, 10, codebook_scale=scale)
-        return flows.generate(flow.model, objective, flow.tokenizer, flows.sample_labels(10, 10), flow.grid,
-                              flows.batch_seed(0, 0), steps=3)
+        flow.objective = baselines.build_objective("purrception", E, 10, codebook_scale=scale)
+        return sample.generate(flow, sample.sample_labels(10, 10), sample.batch_seed(0, 0), steps=3)
 
     sample.main(["--ckpt", str(path), "--num-samples", "10", "--steps", "3", "--out", str(tmp_path / "s")])
     got = load(tmp_path / "s")["arr_0"]
     assert np.array_equal(got, draw("rms")) and not np.array_equal(got, draw("raw"))
     assert json.loads((tmp_path / "s" / "settings.json").read_text())["codebook_scale"] == "rms"
-    ckpt = torch.load(path, weights_only=False)
-    del ckpt["args"]["codebook_scale"]
-    torch.save(ckpt, tmp_path / "before-the-option.pt")
-    assert flows.Flow(str(tmp_path / "before-the-option.pt")).objective.codebook_scale == "rms"
 
 
-def test_a_dfm_checkpoint_with_the_earlier_token_embedding_is_one_clear_line(flow_ckpts, tmp_path):
-    """DFM once embedded its K + 1 tokens into the code dimension d = 8; those weights cannot be loaded now."""
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_one_clear_line(flow_ckpts, tmp_path):
+    """Weights of another shape than the model its settings describe (here DFM tokens embedded into d = 8)."""
     ckpt = torch.load(flow_ckpts["dfm"], weights_only=False)
     for key in ("model", "ema"):
         ckpt[key]["token_embedder.weight"] = torch.zeros(257, 8)
         ckpt[key]["patch_embed.weight"] = torch.zeros(128, 8)
-    torch.save(ckpt, tmp_path / "old-dfm.pt")
-    rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "old-dfm.pt", "--out", tmp_path / "s")
-    assert rc == 2 and "old-dfm.pt: its weights do not fit DiT-T/1 for dfm (a DFM checkpoint from before" in err
+    torch.save(ckpt, tmp_path / "other.pt")
+    rc, _, err = run_cli("sample.py", "--ckpt", tmp_path / "other.pt", "--out", tmp_path / "s")
+    assert rc == 2 and "other.pt: its weights do not fit DiT-T/1 for dfm" in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -200,7 +287,7 @@ def test_cfg_interval_guides_only_inside_and_counts_the_passes(flow_ckpts, tmp_p
 
 def test_couplings_are_the_noise_each_sample_started_from_and_the_codes_it_reached(flow_ckpts, couplings_dir):
     pairs = CodeSet(str(couplings_dir / "couplings"))
-    flow = flows.Flow(str(flow_ckpts["purrception"]))
+    flow = checkpoint.Flow(str(flow_ckpts["purrception"]))
     npz = load(couplings_dir)
     assert pairs.has_noise and len(pairs) == 40 and pairs.meta["teacher"]["cfg_scale"] == 2.0
     assert pairs.meta["teacher"]["codebook_scale"] == "rms" and pairs.meta["tokenizer"] == flow.meta["tokenizer"]
@@ -209,7 +296,7 @@ def test_couplings_are_the_noise_each_sample_started_from_and_the_codes_it_reach
     assert np.array_equal(labels, npz["labels"])
     assert np.array_equal(npz["arr_0"], images.to_uint8(flow.tokenizer.decode(torch.from_numpy(codes))))
     for b, (lo, hi) in enumerate([(0, 16), (16, 32), (32, 40)]):  # each batch's noise, drawn as sample.py draws it
-        g = torch.Generator().manual_seed(flows.batch_seed(4, b))
+        g = torch.Generator().manual_seed(sample.batch_seed(4, b))
         z0 = flow.objective.noise((hi - lo, *flow.grid), g)
         assert np.array_equal(noise[lo:hi], z0.numpy())
         reached = flow.objective.sample(flow.model, (hi - lo, *flow.grid), y=torch.from_numpy(labels[lo:hi]), steps=3,

@@ -1,4 +1,4 @@
-"""study.py and studies/: every subcommand at --budget tiny writes its table, JSON and figures, and its numbers
+"""experiments/study.py and experiments/studies/: every subcommand at --budget tiny writes its table, JSON and figures, and its numbers
 are checked against exact answers, bounds that follow from the sample count, or a recomputation through
 sample.py and evaluate.py; bad input is one line."""
 
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import evaluate
-import flows
 import sample
-import study
 import vfm
 from conftest import FASHION_MNIST, contents, encode, fill_the_disk, one_line_error, run_cli
-from data import CodeSet
-from studies import codebook, common, convergence, fewstep, guidance, solvers, temperature, uncertainty
+from experiments import study
+from experiments.studies import codebook, common, convergence, fewstep, guidance, solvers, temperature, uncertainty
+from support import checkpoint, lenet
+from support.codesets import CodeSet
 from toy import run as toy_run
 from toy.toys import Oracle, make_toy
 
@@ -45,7 +46,7 @@ def outputs(out, name, figures=()):
     for figure in (name,) + tuple(figures):
         assert (out / f"{figure}.png").read_bytes()[:8] == PNG, figure
     record = json.loads((out / f"{name}.json").read_text())
-    assert record["budget"] == "tiny" and record["seconds"] >= 0 and record["command"].startswith("python study.py")
+    assert record["budget"] == "tiny" and record["seconds"] >= 0 and record["command"].startswith("python experiments/study.py")
     return read_table(out / f"{name}.md"), record
 
 
@@ -53,7 +54,7 @@ def outputs(out, name, figures=()):
 def classifier(tmp_path_factory):
     """A small classifier file for evaluate.py (512 images, 1 epoch): the scores mean nothing, the code runs."""
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    evaluate.load_classifier("fashion-mnist", FASHION_MNIST, str(path), limit=512, epochs=1)
+    lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(path), limit=512, epochs=1)
     return path
 
 
@@ -100,7 +101,7 @@ def sampling_bound(toy, n):
 
 def toy_tv(toy, method, iters, seed, n, steps, solver="euler"):
     """TV of `method` trained `iters` iterations (the exact posterior for 'oracle'), straight from toy/run.py."""
-    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook)
+    objective = baselines.build_objective("purrception" if method == "oracle" else method, toy.codebook)
     model = Oracle(toy, objective.codebook) if method == "oracle" else toy_run.train(toy, objective, iters, seed)
     return round(toy.tv(toy_run.sample(toy, objective, model, n, seed, steps=steps, solver=solver)), 4)
 
@@ -117,7 +118,7 @@ def test_convergence_on_the_toys(tmp_path, schedule):
     b = convergence.TOY_BUDGETS["tiny"]
     assert header == ["toy", "metric", "method"] + [str(i) for i in b["iters"]]
     for toy in ("checkerboard", "pairs"):
-        assert [r[2] for r in rows if r[0] == toy and r[1] == "TV"][:4] == list(vfm.OBJECTIVES)
+        assert [r[2] for r in rows if r[0] == toy and r[1] == "TV"][:4] == list(baselines.OBJECTIVES)
     assert ["checkerboard", "KL", "purrception"] == rows[-1][:3]
     assert len(record["rows"]) == 2 * 4 * len(b["iters"]) and {r["seed"] for r in record["rows"]} == {1}
     n, steps = b["num_samples"], b["steps"]
@@ -128,7 +129,7 @@ def test_convergence_on_the_toys(tmp_path, schedule):
     # The last point of one run and a run of that length are the same model: both are rows of toy/run.py.
     last = [r for r in record["rows"] if (r["toy"], r["iters"]) == ("pairs", max(b["iters"]))]
     assert {r["method"]: r["tv"] for r in last} == {m: toy_tv(make_toy("pairs"), m, max(b["iters"]), 1, n, steps)
-                                                    for m in vfm.OBJECTIVES}
+                                                    for m in baselines.OBJECTIVES}
     if schedule == "per-budget":
         first = next(r for r in record["rows"] if (r["toy"], r["method"], r["iters"]) ==
                      ("checkerboard", "cfm", b["iters"][0]))
@@ -178,7 +179,7 @@ def test_fewstep_on_the_toys(tmp_path):
         assert (r["steps"], r["nfe"]) == STEPS_AND_NFE[r["solver"]][r["nfe_target"]], r
     # the student's row recomputed from toy/run.py: teacher, couplings from other noise, student from the teacher
     toy = make_toy("pairs")
-    objective = vfm.build_objective("purrception", toy.codebook)
+    objective = baselines.build_objective("purrception", toy.codebook)
     teacher = toy_run.train(toy, objective, b["teacher_iters"], 2)
     codes, z0 = toy_run.sample(toy, objective, teacher, b["couplings"], 102, steps=b["coupling_steps"], couplings=True)
     assert torch.equal(codes, toy_run.sample(toy, objective, teacher, b["couplings"], 102, steps=b["coupling_steps"]))
@@ -216,11 +217,11 @@ def test_convergence_on_codes(codes_dir, classifier, tmp_path, monkeypatch):
     assert header == ["objective", "training steps", "accuracy", "FID-LeNet", "s/step (train)"]
     b = convergence.IMAGE_BUDGETS["tiny"]
     steps = list(range(b["keep_every"], b["train_steps"] + 1, b["keep_every"]))
-    assert [(r[0], int(r[1])) for r in rows[:-1]] == [(o, s) for o in vfm.OBJECTIVES for s in steps]
+    assert [(r[0], int(r[1])) for r in rows[:-1]] == [(o, s) for o in baselines.OBJECTIVES for s in steps]
     assert rows[-1][0] == "VQ reconstructions (ceiling)"
     for row, images in zip(record["rows"], drawn):
         ckpt = tmp_path / "runs" / row["objective"] / "checkpoints" / f"step-{row['step']:07d}.pt"
-        args = flows.load_checkpoint(str(ckpt))["args"]
+        args = checkpoint.load_any(str(ckpt))["settings"]
         assert args["objective"] == row["objective"] and args["batch_size"] == b["batch_size"]
         assert args["codebook_scale"] == "rms"
         if row["step"] == steps[-1]:
@@ -256,9 +257,9 @@ def test_convergence_on_codes_resumes_with_the_scores_it_has(codes_dir, classifi
 @pytest.fixture(scope="module")
 def tokenizer_k32(tmp_path_factory):
     """A tokenizer of K = 32 codes on the same 512 images and grid as the session's."""
-    import vq
+    import tokenizer
     out = tmp_path_factory.mktemp("vq-k32")
-    vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out), "--limit",
+    tokenizer.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out), "--limit",
              "512", "--steps", "20", "--batch-size", "64", "--codebook-size", "32"])
     return out / "tokenizer.pt"
 
@@ -287,11 +288,11 @@ def test_codebook_sizes(codes_dir, codes_k32, classifier, tmp_path, monkeypatch)
     for row, images in zip(record["rows"], drawn):
         k, objective = row["codebook_size"], row["objective"]
         ckpt = tmp_path / "runs" / f"K{k}" / objective / "checkpoints" / f"step-{b['train_steps']:07d}.pt"
-        state = flows.load_checkpoint(str(ckpt))
-        assert state["args"]["objective"] == objective and state["args"]["codes"] == str(
+        state = checkpoint.load_any(str(ckpt))
+        assert state["settings"]["objective"] == objective and state["settings"]["codes"] == str(
             codes_k32 if k == 32 else codes_dir)
-        assert state["args"]["codebook_scale"] == "rms" and record["codebook_scale"] == "rms"
-        assert flows.Flow(str(ckpt)).objective.num_codes == k
+        assert state["settings"]["codebook_scale"] == "rms" and record["codebook_scale"] == "rms"
+        assert checkpoint.Flow(str(ckpt)).objective.num_codes == k
         if objective == "purrception":
             check_row(row, images, ckpt, tmp_path / f"check-{k}", classifier, "--num-samples", b["num_samples"],
                       "--steps", b["steps"], "--seed", 0)
@@ -339,7 +340,7 @@ def test_fewstep_on_codes(flow_ckpts, classifier, tmp_path, monkeypatch):
     assert {k: pairs.meta["teacher"][k] for k in ("steps", "solver", "cfg_scale", "seed")} == dict(
         steps=b["coupling_steps"], solver=b["coupling_solver"], cfg_scale=b["coupling_cfg"], seed=3)
     student = tmp_path / "runs" / "student" / "checkpoints" / "last.pt"
-    args = flows.load_checkpoint(str(student))["args"]
+    args = checkpoint.load(str(student))["settings"]
     assert args["init"] == str(teacher) and args["codes"] == str(tmp_path / "couplings" / "couplings")
     assert args["steps"] == b["student_steps"] and args["codebook_scale"] == "rms"
     row = next(i for i, r in enumerate(record["rows"]) if (r["model"], r["nfe"], r["cfg_scale"]) == ("student", 1, 2.0))
@@ -369,11 +370,11 @@ def test_studies_refuse_a_run_of_other_settings_and_retrain_a_student_of_other_c
             "--budget", "tiny", "--out", str(tmp_path / "f")]
     study.main(argv)
     student = tmp_path / "f" / "runs" / "student" / "checkpoints" / "last.pt"
-    first = flows.load_checkpoint(str(student))["model"]
+    first = checkpoint.load(str(student))["model"]
     monkeypatch.setitem(fewstep.IMAGE_BUDGETS, "tiny", dict(fewstep.IMAGE_BUDGETS["tiny"], coupling_cfg=1.0))
     study.main(argv + ["--force"])  # other couplings: drawn again, and the student trained again on them
     assert CodeSet(str(tmp_path / "f" / "couplings" / "couplings")).meta["teacher"]["cfg_scale"] == 1.0
-    assert any(not torch.equal(v, first[k]) for k, v in flows.load_checkpoint(str(student))["model"].items())
+    assert any(not torch.equal(v, first[k]) for k, v in checkpoint.load(str(student))["model"].items())
 
 
 def test_guidance_windows(flow_ckpts, classifier, tmp_path, monkeypatch):
@@ -444,7 +445,7 @@ def test_uncertainty(flow_ckpts, tmp_path):
     maps = torch.tensor(record["entropy_maps"])  # (classes, times, h, w)
     assert maps.shape == (b["classes"], b["times"], 7, 7)
     # The first evaluation, at t = 0 on the seed's noise, recomputed with torch's categorical entropy.
-    flow, first = flows.Flow(str(flow_ckpts["purrception"])), []
+    flow, first = checkpoint.Flow(str(flow_ckpts["purrception"])), []
     flow.objective.sample(flow.model, (b["classes"], *flow.grid), y=torch.arange(b["classes"]), steps=b["steps"],
                           generator=torch.Generator().manual_seed(4),
                           callback=lambda t, z, logits: first.append(logits.clone()) if not first else None)
@@ -466,7 +467,7 @@ def bad(flow_ckpts, tmp_path_factory):
     np.savez(bad / "samples.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))
     (bad / "empty").mkdir()
     (bad / "FILE").write_text("mine")
-    dfm = flows.load_checkpoint(str(flow_ckpts["dfm"]))
+    dfm = checkpoint.load(str(flow_ckpts["dfm"]))
     dfm["codes_meta"]["dataset"] = "mnist"
     torch.save(dfm, bad / "dfm-mnist.pt")
     return bad
@@ -545,7 +546,7 @@ def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier,
 
 
 def test_bad_input_from_the_command_line(flow_ckpts, tmp_path):
-    rc, out, err = run_cli("study.py", "uncertainty", "--ckpt", flow_ckpts["dfm"], "--out", tmp_path)
+    rc, out, err = run_cli("experiments/study.py", "uncertainty", "--ckpt", flow_ckpts["dfm"], "--out", tmp_path)
     assert rc == 2 and "Traceback" not in err
     expected = f"error: {flow_ckpts['dfm']}: a checkpoint of dfm; uncertainty needs purrception"
     assert err.strip().splitlines() == [expected]

@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-import vfm
+import baselines
 from conftest import contents, fill_the_disk, one_line_error
-from toy import run
+from toy import figures, run
 from toy.toys import TOYS, Oracle, make_toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_one_method_writes_metrics(tmp_path, method):
     assert saved["iters"] == (0 if method == "oracle" else 20)
     # The same model and samples built by hand from the flags: 20 iterations of seed 3, 500 samples of 5 steps.
     toy = make_toy("pairs")
-    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook)
+    objective = baselines.build_objective("purrception" if method == "oracle" else method, toy.codebook)
     model = Oracle(toy, objective.codebook) if method == "oracle" else run.train(toy, objective, 20, 3)
     assert saved["tv"] == round(toy.tv(run.sample(toy, objective, model, 500, 3, steps=5)), 4)
     if method == "purrception":
@@ -99,6 +100,49 @@ def test_all_methods_write_table_and_figures(tmp_path):
     assert not (tmp_path / "nf" / "samples.png").exists() and (tmp_path / "nf" / "table.md").exists()
 
 
+
+PLASMA_TOP, PLASMA_BOTTOM = (240, 249, 33), (13, 8, 135)  # the colours of the highest entropy and of 0
+
+
+def pixels_near(image, rgb, tolerance=40):
+    """How many pixels of a PIL image are within `tolerance` (Euclidean, in 0-255 units) of the colour rgb."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)  # (H, W, 3)
+    return int((np.linalg.norm(pixels - rgb, axis=-1) < tolerance).sum())
+
+
+def test_animate_writes_the_flow_as_a_gif(tmp_path, capsys):
+    """--animate: flow.gif, a frame per figures.frame_steps of the 100 Euler steps. The oracle's points start at
+    the prior (every posterior has the entropy of p(c), the top of the colour scale) and end on their codes
+    (entropy 0, its bottom); the left half of a frame is all panel, no colour bar."""
+    from PIL import Image
+    argv = ["--method", "oracle", "--num-samples", "100", "--animate", "--out", tmp_path]
+    run.main([str(a) for a in argv])
+    with Image.open(tmp_path / "flow.gif") as gif:
+        assert gif.n_frames == len(figures.frame_steps(100)) == 48 and gif.size == (460, 390)
+        gif.seek(0)
+        first = gif.crop((0, 0, 220, 390))
+        gif.seek(gif.n_frames - 1)
+        last = gif.crop((0, 0, 220, 390))
+    assert pixels_near(first, PLASMA_TOP) > 200 and pixels_near(first, PLASMA_BOTTOM) == 0
+    assert pixels_near(last, PLASMA_BOTTOM) > 200 and pixels_near(last, PLASMA_TOP) == 0
+    (tmp_path / "metrics.json").unlink()
+    err = one_line_error(capsys, run.main, argv)  # an earlier flow.gif is kept too, unless --force
+    assert f"{tmp_path}/flow.gif exists (an earlier run)" in err
+
+
+def test_the_toy_preset_is_the_defaults(tmp_path):
+    """configs/toy.json's section "toy" sets some flags of toy/run.py, each to its default; a preset's "toy"
+    section is the one toy/run.py reads, and a flag on the command line overrides it."""
+    with open(os.path.join(ROOT, "configs", "toy.json")) as f:
+        preset = json.load(f)["toy"]
+    defaults = vars(run.parse_args([]))
+    assert {"toy", "iters", "seed", "num_samples", "steps"} <= preset.keys() <= defaults.keys()
+    assert vars(run.parse_args(["--config", "toy"])) == dict(defaults, config="toy")
+    (tmp_path / "mine.json").write_text(json.dumps({"toy": {"iters": 7, "toy": "rings"}, "train": {"steps": 3}}))
+    args = run.parse_args(["--config", str(tmp_path / "mine.json"), "--toy", "pairs"])
+    assert (args.iters, args.toy, args.steps) == (7, "pairs", 100)
+
+
 # ---- bad input: one line on stderr, exit status 2, files left as they were ---------------------------------
 
 TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]
@@ -113,6 +157,8 @@ TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]
     (["--out", "{tmp}/FILE"], "{tmp}/FILE: exists and is not a directory"),
     (["--out", "{tmp}/FILE/out"], "{tmp}/FILE/out: cannot create the output directory"),
     (["--method", "oracle", "--num-samples", str(10**13)], f"out of memory with --num-samples {10**13}"),
+    (["--method", "cfm", "--animate"], "--animate --method cfm: flow.gif shows the posterior of oracle or"),
+    (["--config", "nosuch"], "--config nosuch: no such preset (expected"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     (tmp_path / "FILE").write_text("mine")

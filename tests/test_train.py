@@ -37,7 +37,7 @@ def test_each_objective_trains_logs_and_checkpoints(codes_dir, tmp_path, objecti
     train.main(["--codes", str(codes_dir), "--objective", objective, "--out", str(run), "--steps", "4",
                 *SMALL, "--sample-every", "4" if objective == "purrception" else "0", "--keep-every", "2"])
     ckpt = weights(run)
-    assert ckpt["step"] == 4 and ckpt["args"]["objective"] == objective
+    assert ckpt["step"] == 4 and ckpt["settings"]["objective"] == objective
     assert sorted(os.listdir(run / "checkpoints")) == ["last.pt", "step-0000002.pt", "step-0000004.pt"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -55,50 +55,124 @@ def test_resume_equals_uninterrupted(codes_dir, tmp_path):
     assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "split"))
 
 
-def test_ctrl_c_saves_the_step_it_finished(codes_dir, tmp_path):
-    """Ctrl-C (SIGINT) between checkpoints: the run finishes its step, saves it, says so, exits 130, and resumes
-    from there to the uninterrupted run's exact state."""
+def test_previews_do_not_change_training_and_a_preview_step_resumes_exactly(codes_dir, tmp_path):
+    """A preview draws from its own random state: a run with previews reaches the weights of one without, and a
+    run whose checkpoint falls on a preview step resumes to the weights of the uninterrupted run."""
+    common = ["--codes", str(codes_dir), *SMALL, "--lr", "1e-3", "--ema-decay", "0.9"]
+    train.main(common + ["--out", str(tmp_path / "none"), "--steps", "4"])
+    train.main(common + ["--out", str(tmp_path / "full"), "--steps", "4", "--sample-every", "2"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--steps", "2", "--sample-every", "2"])
+    train.main(common + ["--out", str(tmp_path / "split"), "--steps", "4", "--sample-every", "2", "--resume"])
+    assert sorted(os.listdir(tmp_path / "full" / "samples")) == ["step-0000002.png", "step-0000004.png"]
+    assert_same_state(weights(tmp_path / "none"), weights(tmp_path / "full"))
+    assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_the_step_it_finished(codes_dir, tmp_path, signum, code):
+    """Ctrl-C (SIGINT), or SIGTERM as a cluster stops a job, between checkpoints: the run finishes its step, saves
+    it, says so in one line, exits 130 or 143, and resumes from there to the uninterrupted run's exact state."""
     common = ["--codes", codes_dir, *SMALL, "--ckpt-every", "1000", "--log-every", "1", "--lr", "1e-3"]
     run = tmp_path / "run"
     log = open(tmp_path / "run.log", "w+")
     cmd, kwargs = cli("train.py", *common, "--out", run, "--steps", 1000)
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, **kwargs)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # log.jsonl gets a line per step (--log-every 1)
-        if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    wait_for_steps(proc, run, 3)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == code
     log.close()
     step = weights(run)["step"]
     assert 3 <= step < 1000
-    assert f"interrupted: checkpoint saved at step {step}" in (tmp_path / "run.log").read_text()
+    text = (tmp_path / "run.log").read_text()
+    assert text.rstrip().endswith(f"\ninterrupted: checkpoint saved at step {step}; rerun with --resume to continue")
+    assert "Traceback" not in text
     train.main([*map(str, common), "--out", str(run), "--steps", str(step + 2), "--resume"])
     train.main([*map(str, common), "--out", str(tmp_path / "full"), "--steps", str(step + 2)])
     assert_same_state(weights(tmp_path / "full"), weights(run))
 
 
-def kill_tree(pid):
-    """SIGKILL a process and all its descendants, as a lost node would: torchrun starts its workers in sessions
-    of their own, so killing torchrun's process group alone leaves them running."""
-    children = {}
+def wait_for_steps(proc, run, n, timeout=300):
+    """Until the run (--log-every 1: a line per step) has logged n steps, or its process ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+
+
+def children():
+    """{pid: [its child processes]} of every process, from /proc."""
+    found = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(entry))
+        found.setdefault(ppid, []).append(int(entry))
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants, as a lost node would: torchrun starts its workers in sessions
+    of their own, so killing torchrun's process group alone leaves them running."""
+    tree = children()
     todo, found = [pid], []
     while todo:
         found.append(todo.pop())
-        todo += children.get(found[-1], [])
+        todo += tree.get(found[-1], [])
     for p in found:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def worker_pids(torchrun_pid):
+    """{rank: pid} of the workers a torchrun process started: its children, each with RANK in its environment."""
+    ranks = {}
+    for pid in children().get(torchrun_pid, []):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def test_ddp_sigterm_to_one_worker_stops_every_rank_at_the_same_step(codes_dir, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU, SIGTERM sent to rank 1 alone: rank 0 learns of it when the ranks agree
+    at the next step, both finish that step, save it together, and each exits non-zero with one line; resumed,
+    the run ends exactly where an uninterrupted run does."""
+    common = ["--codes", codes_dir, *SMALL, "--ckpt-every", "1000", "--log-every", "1", "--lr", "1e-3"]
+    torchrun = "torchrun --standalone --nproc_per_node=2 train.py"
+    run = tmp_path / "run"
+    cmd, kwargs = cli(torchrun, *common, "--out", run, "--steps", 1000)
+    log = open(tmp_path / "run.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, **kwargs)
+    try:
+        wait_for_steps(proc, run, 3)
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
+        os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+        log.close()
+    text = (tmp_path / "run.log").read_text()
+    step = weights(run)["step"]
+    assert 3 <= step < 1000, text[-2000:]
+    assert f"interrupted: checkpoint saved at step {step}; rerun with --resume to continue" in text, text[-2000:]
+    assert f"interrupted: rank 1 stopped at step {step}" in text and "(exitcode: 143)" in text, text[-2000:]
+    assert f'File "{os.path.dirname(train.__file__)}' not in text  # no traceback of a worker (torchrun prints its own)
+
+    rc, out, err = run_cli(torchrun, *common, "--out", run, "--steps", step + 2, "--resume")
+    assert rc == 0 and f"resumed at step {step}" in out, err[-2000:]
+    rc, out, err = run_cli(torchrun, *common, "--out", tmp_path / "full", "--steps", step + 2)
+    assert rc == 0, err[-2000:]
+    assert_same_state(weights(tmp_path / "full"), weights(run))
 
 
 def test_ddp_two_gloo_processes_killed_then_resumed(codes_dir, tmp_path):
@@ -143,7 +217,7 @@ def test_compiled_bf16_run_with_every_optimisation_flag(codes_dir, tmp_path):
                 "--p-uncond", "0.2", "--z-loss", "1e-4", "--seed", "3"])
     ckpt = weights(run)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # the raw module is saved
-    assert ckpt["args"]["precision"] == "bf16" and ckpt["args"]["seed"] == 3
+    assert ckpt["settings"]["precision"] == "bf16" and ckpt["settings"]["seed"] == 3
     record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert record["lr"] == pytest.approx(1e-4 * 2 / 10)  # linear warm-up
 
@@ -178,15 +252,10 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
                          "--codebook-scale", "rms")
     assert rc == 2 and "trained with --codebook-scale raw, not rms" in err
-    ckpt = weights(run)  # a checkpoint from before the option ran on E / rms(E)
-    del ckpt["args"]["codebook_scale"]
-    torch.save(ckpt, run / "checkpoints" / "last.pt")
-    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
-    assert rc == 2 and "trained with --codebook-scale rms, not raw" in err
+    ckpt = weights(run)
     ckpt["model"]["final_layer.linear.bias"] = torch.zeros(3)  # weights that do not fit the model
     torch.save(ckpt, run / "checkpoints" / "last.pt")
-    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL,
-                         "--codebook-scale", "rms")
+    rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
     assert rc == 2 and "last.pt: its weights do not fit DiT-T/1 for purrception" in err and "Traceback" not in err
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     rc, _, err = run_cli("train.py", "--codes", codes_dir, "--out", run, "--steps", "4", "--resume", *SMALL)
@@ -195,20 +264,15 @@ def test_resume_with_other_codes_or_a_corrupt_checkpoint(codes_dir, tmp_path):
 
 def test_time_dist_trains_on_its_times_and_is_checked_on_resume(codes_dir, tmp_path):
     """--time-dist is recorded, changes the weights a run reaches (the same run, seed and data, only the times
-    differ), and a run resumes only with the distribution it started with (none recorded: uniform)."""
+    differ), and a run resumes only with the distribution it started with."""
     common = ["--codes", str(codes_dir), *SMALL, "--steps", "2"]
     train.main(common + ["--out", str(tmp_path / "uniform")])
     train.main(common + ["--out", str(tmp_path / "ln"), "--time-dist", "logit-normal:0.5:1"])
     uniform, ln = weights(tmp_path / "uniform"), weights(tmp_path / "ln")
-    assert uniform["args"]["time_dist"] == "uniform" and ln["args"]["time_dist"] == "logit-normal:0.5:1"
+    assert uniform["settings"]["time_dist"] == "uniform" and ln["settings"]["time_dist"] == "logit-normal:0.5:1"
     assert not torch.equal(uniform["model"]["final_layer.linear.weight"], ln["model"]["final_layer.linear.weight"])
     rc, _, err = run_cli("train.py", *common, "--out", tmp_path / "ln", "--resume")
     assert rc == 2 and "trained with --time-dist logit-normal:0.5:1, not uniform" in err
-    del ln["args"]["time_dist"]  # a checkpoint from before the option
-    torch.save(ln, tmp_path / "ln" / "checkpoints" / "last.pt")
-    rc, _, err = run_cli("train.py", *common, "--out", tmp_path / "ln", "--resume",
-                         "--time-dist", "logit-normal:0.5:1")
-    assert rc == 2 and "trained with --time-dist uniform, not logit-normal:0.5:1" in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -266,8 +330,10 @@ def test_resume_drops_log_lines_after_the_checkpoint(codes_dir, tmp_path):
     """A run killed after step 3 but checkpointed at step 2 logs steps 3 and 4 once each after its resume."""
     run = tmp_path / "run"
     common = ["--codes", str(codes_dir), "--out", str(run), *SMALL, "--log-every", "1", "--keep-every", "2"]
-    train.main(common + ["--steps", "3"])
-    shutil.copyfile(run / "checkpoints" / "step-0000002.pt", run / "checkpoints" / "last.pt")  # as if killed
+    train.main(common + ["--steps", "2"])
+    shutil.copyfile(run / "checkpoints" / "last.pt", run / "at-2.pt")
+    train.main(common + ["--steps", "3", "--resume"])
+    shutil.copyfile(run / "at-2.pt", run / "checkpoints" / "last.pt")  # as if killed after logging step 3
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # and cut short mid-line
     train.main(common + ["--steps", "4", "--resume"])
@@ -281,15 +347,15 @@ def test_resume_with_no_checkpoint_says_it_starts_fresh(codes_dir, tmp_path):
 
 
 def test_resume_checks_the_grid_and_the_classes(codes_dir, tmp_path):
-    import data
+    from support import codesets
     run = tmp_path / "run"
     train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL])
     before = (run / "checkpoints" / "last.pt").read_bytes()
     codebook = np.load(codes_dir / "codebook.npy")
     for name, grid, classes in (("grid", 8, 10), ("classes", 7, 5)):
         other = tmp_path / name
-        data.write_shard(str(other), 0, np.random.randint(0, 256, (16, 1, grid, grid)), np.arange(16) % classes)
-        data.write_meta(str(other), codebook, 1, grid=[grid, grid], num_classes=classes, views=1)
+        codesets.write_shard(str(other), 0, np.random.randint(0, 256, (16, 1, grid, grid)), np.arange(16) % classes)
+        codesets.write_meta(str(other), codebook, 1, grid=[grid, grid], num_classes=classes, views=1)
         rc, _, err = run_cli("train.py", "--codes", other, "--out", run, "--steps", "4", "--resume", *SMALL)
         what = "code grid [7, 7]" if name == "grid" else "number of classes 10"
         assert rc == 2 and f"trained on codes with {what}" in err and len(err.strip().splitlines()) == 1
@@ -333,14 +399,14 @@ def test_logged_loss_and_loss_by_t_at_the_initial_zero_logits(codes_dir, tmp_pat
 
 
 def test_codes_out_of_range_and_a_checkpoint_missing_its_parts_are_one_line(codes_dir, tmp_path):
-    import data
+    from support import codesets
     codebook = np.load(codes_dir / "codebook.npy")
     for name, codes, labels, message in (
             ("codes", np.full((16, 1, 7, 7), 300), np.arange(16) % 10, "a code index 300 is out of range"),
             ("labels", np.zeros((16, 1, 7, 7)), np.arange(16) % 10 + 5, "labels in [5, 14], outside the 10 classes")):
         other = tmp_path / name
-        data.write_shard(str(other), 0, codes, labels)
-        data.write_meta(str(other), codebook, 1, grid=[7, 7], num_classes=10, views=1)
+        codesets.write_shard(str(other), 0, codes, labels)
+        codesets.write_meta(str(other), codebook, 1, grid=[7, 7], num_classes=10, views=1)
         rc, _, err = run_cli("train.py", "--codes", other, "--out", tmp_path / f"run-{name}", *SMALL, "--steps", "2")
         assert rc == 2 and message in err and "Traceback" not in err
     run = tmp_path / "run"
@@ -355,7 +421,7 @@ def test_codes_out_of_range_and_a_checkpoint_missing_its_parts_are_one_line(code
 def test_lr_final_decays_the_rate_along_the_schedule_and_ema_warmup_follows_the_weights(codes_dir, tmp_path):
     """--lr-final 0.1: the logged rate of every step is schedule.learning_rate's cosine from --lr down to a tenth.
     --ema-warmup: the first step's EMA decay is min(0.9999, 1 / 10), so the EMA holds 9/10 of the new weights."""
-    from schedule import learning_rate
+    from support.schedule import learning_rate
     train.main(["--codes", str(codes_dir), "--out", str(tmp_path / "decay"), "--steps", "5", *SMALL,
                 "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "2", "--lr-final", "0.1"])
     logged = [json.loads(line)["lr"] for line in (tmp_path / "decay" / "log.jsonl").read_text().splitlines()]
@@ -373,7 +439,7 @@ def test_lr_final_decays_the_rate_along_the_schedule_and_ema_warmup_follows_the_
 def test_a_student_on_couplings_trains_on_their_noise_from_its_teachers_weights(flow_ckpts, couplings_dir, tmp_path,
                                                                                monkeypatch):
     import vfm
-    from data import CodeSet
+    from support.codesets import CodeSet
     pairs = CodeSet(str(couplings_dir / "couplings"))
     codes, labels = pairs.get(np.arange(len(pairs)))
     noise = pairs.get_noise(np.arange(len(pairs)))
@@ -400,7 +466,7 @@ def test_a_student_on_couplings_trains_on_their_noise_from_its_teachers_weights(
     for run, close in (("init", True), ("fresh", False)):
         state = weights(tmp_path / run)["model"]
         assert all(torch.allclose(state[k], teacher[k], atol=1e-6) for k in teacher) == close, run
-    assert weights(tmp_path / "init")["args"]["init"] == str(flow_ckpts["purrception"])
+    assert weights(tmp_path / "init")["settings"]["init"] == str(flow_ckpts["purrception"])
 
 
 @pytest.mark.parametrize("extra,message", [

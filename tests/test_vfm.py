@@ -5,7 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import baselines
+import sample
 import vfm
 from toy.run import ToyMLP
 from toy.toys import Oracle, make_toy
@@ -16,7 +20,8 @@ def test_the_raw_codebook_is_the_default_and_rms_rescales_it_keeping_the_nearest
     E = E / E.norm(dim=1, keepdim=True)  # unit-sphere codes, as LlamaGen's
     assert torch.equal(vfm.flow_codebook(E), E) and torch.equal(vfm.Purrception(E).codebook, E)
     R = vfm.flow_codebook(E, "rms")
-    assert torch.allclose(R, E * math.sqrt(8), atol=1e-5) and torch.equal(vfm.DFM(E, codebook_scale="rms").codebook, R)
+    assert torch.allclose(R, E * math.sqrt(8), atol=1e-5)
+    assert torch.equal(baselines.DFM(E, codebook_scale="rms").codebook, R)
     assert R.pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
     z = torch.randn(3, 4, 8)
     assert torch.equal(vfm.snap(z * math.sqrt(8), R), vfm.snap(z, E))  # a global scale of both changes nothing
@@ -41,9 +46,12 @@ def test_the_flow_on_scaled_codes_is_the_raw_flow_under_a_time_change():
                               atol=1e-2)  # without the time change the two posteriors differ
 
 
-def test_snap_matches_brute_force():
+@pytest.mark.parametrize("positions", [None, 1, 7])  # whole, or chunks of 1 and 7 of the 30 positions
+def test_snap_matches_brute_force(positions, monkeypatch):
     E, z = torch.randn(40, 4), torch.randn(5, 6, 4)
     ref = torch.cdist(z.reshape(-1, 4).double(), E.double()).argmin(1).view(5, 6)
+    if positions:
+        monkeypatch.setattr(vfm, "CHUNK", positions * 40)
     assert torch.equal(vfm.snap(z, E), ref)
 
 
@@ -81,13 +89,13 @@ def test_logit_normal_training_times():
             vfm.parse_time_dist(bad)
 
 
-@pytest.mark.parametrize("name", list(vfm.OBJECTIVES))
+@pytest.mark.parametrize("name", list(baselines.OBJECTIVES))
 def test_every_objective_trains_on_the_times_of_its_time_dist(name):
     """The t that loss() returns (and trains at) follows time_dist: logit-normal:2:0.5 has median sigmoid(2)."""
     codebook = torch.randn(16, 4)
     codes = torch.randint(0, 16, (4000, 3))
     for spec, median in (("uniform", 0.5 + vfm.T_MIN / 2), ("logit-normal:2:0.5", 1 / (1 + math.exp(-2)))):
-        objective = vfm.build_objective(name, codebook, time_dist=spec)
+        objective = baselines.build_objective(name, codebook, time_dist=spec)
         out_dim = objective.model_io()["out_dim"]
         _, _, t = objective.loss(lambda x, t, y: torch.zeros(*codes.shape, out_dim), codes,
                                  generator=torch.Generator().manual_seed(0))
@@ -187,15 +195,35 @@ def test_fixed_posterior_lands_exactly_on_its_mean_and_never_evaluates_t1(solver
     assert torch.equal(codes, vfm.snap(mu.expand(3, 4, 2), obj.codebook))
 
 
+@pytest.mark.parametrize("solver", vfm.SOLVERS)
+def test_the_regression_baselines_sample_through_the_shared_flow_with_their_own_velocity(solver):
+    """CFM and CFM-endpoint are continuous flows beside Purrception, not kinds of it: the shared sampler starts at
+    z0 and integrates their own velocity. A constant velocity v = E[c] - z0 carries CFM from z0 to E[c]; a constant
+    end point E[c'] pulls CFM-endpoint onto E[c'], exactly at the last step."""
+    for cls in (baselines.CFM, baselines.CFMEndpoint):
+        assert issubclass(cls, vfm.ContinuousFlow) and not issubclass(cls, vfm.Purrception)
+    E = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0], [-3.0, 0.0], [0.0, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    c, c_end = torch.randint(0, 6, (3, 4), generator=g), torch.randint(0, 6, (3, 4), generator=g)
+    for cls, out, target in ((baselines.CFM, lambda z0: E[c] - z0, c),
+                             (baselines.CFMEndpoint, lambda z0: E[c_end], c_end)):
+        obj = cls(E)
+        z0 = obj.noise((3, 4), torch.Generator().manual_seed(1))
+        starts = []
+        codes = obj.sample(lambda z, t, y: out(z0), (3, 4), steps=5, solver=solver, z0=z0,
+                           callback=lambda t, z, o: starts.append(z) if t == 0 else None)
+        assert torch.equal(starts[0], z0) and torch.equal(codes, target)
+
+
 def test_bad_solver_and_steps_raise():
     with pytest.raises(ValueError, match="unknown solver 'rk4'"):
         vfm.solve_ode(lambda z, t: z, torch.zeros(1), 4, "rk4")
     with pytest.raises(ValueError, match="steps"):
         vfm.solve_ode(lambda z, t: z, torch.zeros(1), 0, "euler")
     with pytest.raises(ValueError, match="unknown objective 'flow'"):
-        vfm.build_objective("flow", torch.randn(4, 2))
+        baselines.build_objective("flow", torch.randn(4, 2))
     with pytest.raises(ValueError, match="discrete Euler"):
-        vfm.build_objective("dfm", torch.randn(4, 2)).sample(None, (1, 1), solver="heun")
+        baselines.build_objective("dfm", torch.randn(4, 2)).sample(None, (1, 1), solver="heun")
     assert vfm.num_evaluations(10, "heun") == 19
 
 
@@ -265,7 +293,7 @@ def test_evaluation_times_are_where_solve_ode_evaluates(solver, steps):
                                          ("dfm", "euler")])
 def test_guidance_interval_guides_inside_and_makes_one_pass_outside(name, solver):
     B, steps, window = 4, 4, (0.25, 0.5)  # both ends are evaluation times: the window holds them
-    obj = vfm.build_objective(name, torch.randn(5, 2), 3)
+    obj = baselines.build_objective(name, torch.randn(5, 2), 3)
     model = Passes(**{k: v for k, v in obj.model_io().items() if k != "in_dim"})
     y = torch.tensor([0, 1, 2, 0])
 
@@ -320,7 +348,7 @@ def test_given_noise_is_where_the_sampler_starts_and_what_the_loss_uses():
     g = torch.Generator().manual_seed(0)
     _, _, t = obj.loss(lambda x, t, y: seen.append(x) or torch.zeros(3, 4, 5), codes, generator=g, z0=z0)
     assert torch.allclose(seen[0], vfm.interpolate(z0, obj.embed(codes), t))
-    dfm = vfm.DFM(torch.randn(5, 2))
+    dfm = baselines.DFM(torch.randn(5, 2))
     for call in (lambda: dfm.loss(model, codes, z0=z0), lambda: dfm.sample(model, (3, 4), z0=z0),
                  lambda: dfm.noise((3, 4))):
         with pytest.raises(ValueError, match="no noise to fix"):
@@ -340,13 +368,13 @@ class Fixed(torch.nn.Module):
 
 
 def test_every_objective_takes_the_same_keywords_and_sizes_its_network():
-    assert list(vfm.OBJECTIVES) == ["purrception", "cfm", "cfm-endpoint", "dfm"]
+    assert list(baselines.OBJECTIVES) == ["purrception", "cfm", "cfm-endpoint", "dfm"]
     K, d = 6, 2
     io = {"purrception": (d, K, None), "cfm": (d, d, None), "cfm-endpoint": (d, d, None),
           "dfm": (None, K, K + 1)}  # in, out, vocab: DFM's tokens go straight to the model width
-    for name in vfm.OBJECTIVES:
-        obj = vfm.build_objective(name, torch.randn(K, d), 3, p_uncond=0.2, t_min=0.05, z_loss_weight=0.3,
-                                  codebook_scale="rms")
+    for name in baselines.OBJECTIVES:
+        obj = baselines.build_objective(name, torch.randn(K, d), 3, p_uncond=0.2, t_min=0.05, z_loss_weight=0.3,
+                                        codebook_scale="rms")
         assert (obj.name, obj.num_classes, obj.p_uncond, obj.t_min, obj.z_loss_weight, obj.codebook_scale) == \
             (name, 3, 0.2, 0.05, 0.3, "rms")
         in_dim, out_dim, input_vocab = io[name]
@@ -370,7 +398,7 @@ def test_cfm_losses_regress_velocity_and_endpoint(name, scale):
     """A non-zero network output against the target computed in float64 from the same draws: the loss takes
     z0 ~ N(0, I), then t ~ U[t_min, 1), from the generator, in that order."""
     E, codes, out = 2 * torch.randn(6, 2), torch.randint(0, 6, (3, 4)), torch.randn(3, 4, 2)
-    obj = vfm.build_objective(name, E, p_uncond=0.0, codebook_scale=scale)
+    obj = baselines.build_objective(name, E, p_uncond=0.0, codebook_scale=scale)
     model = Fixed(out)
     loss, per_sample, t = obj.loss(model, codes, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
@@ -389,7 +417,7 @@ def test_cfm_losses_regress_velocity_and_endpoint(name, scale):
 
 
 def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_every_token_with_the_z_loss():
-    obj = vfm.DFM(torch.randn(6, 2), p_uncond=0.0, z_loss_weight=0.01)
+    obj = baselines.DFM(torch.randn(6, 2), p_uncond=0.0, z_loss_weight=0.01)
     codes = torch.randint(0, 6, (4000, 8))
     logits = 4 * torch.randn(4000, 8, 6)
     model = Fixed(logits)
@@ -411,7 +439,7 @@ def test_dfm_loss_masks_with_probability_1_minus_t_and_scores_every_token_with_t
 
 def test_dfm_sampler_reveals_every_token_with_its_own_positions_code():
     """Logits that name a different code at every sample and position: each revealed token takes its own."""
-    obj = vfm.DFM(torch.randn(6, 2))
+    obj = baselines.DFM(torch.randn(6, 2))
     target = torch.randint(0, 6, (5, 9), generator=torch.Generator().manual_seed(1))
     model = lambda x, t, y: torch.nn.functional.one_hot(target, 6).float() * 50  # noqa: E731
     codes = obj.sample(model, (5, 9), steps=3, generator=torch.Generator().manual_seed(0))
@@ -422,7 +450,7 @@ def test_dfm_sampler_follows_the_reveal_schedule():
     """With logits that ignore x_t, only the reveal step unmasks: revealing with probability h / (1 - t) over
     [t, t + h] leaves each token masked at t_i = i / steps with probability prod_j (1 - h / (1 - t_j)) = 1 - t_i.
     Revealed tokens keep their code, drawn from softmax(l / tau)."""
-    obj = vfm.DFM(torch.randn(6, 2))
+    obj = baselines.DFM(torch.randn(6, 2))
     logits, tau, shape, steps = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5, -0.5]), 0.7, (200, 100), 10
     n = shape[0] * shape[1]
     states = []
@@ -441,10 +469,10 @@ def test_dfm_sampler_follows_the_reveal_schedule():
     assert torch.allclose(freq[:6], p, atol=4 * math.sqrt(0.25 / n))
 
 
-@pytest.mark.parametrize("name", vfm.OBJECTIVES)
+@pytest.mark.parametrize("name", baselines.OBJECTIVES)
 def test_every_objective_learns_the_toy(name):
     toy = make_toy("pairs")  # two tokens, so that DFM's revealed token tells it something about the other
-    obj = vfm.build_objective(name, toy.codebook)
+    obj = baselines.build_objective(name, toy.codebook)
     model = ToyMLP(2, **obj.model_io())
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
@@ -456,3 +484,144 @@ def test_every_objective_learns_the_toy(name):
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.15  # the noise of these means is about 0.01
+
+
+# ---- memory: the sampler takes the network's output a chunk of positions at a time --------------------------
+
+class Made(TorchDispatchMode):
+    """Every tensor an op makes, as (numel, dtype, inside): views and in-place results, which allocate nothing,
+    left out; inside: made while `inside` was set (by a model that sets it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.inside = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            self.made += [(o.numel(), o.dtype, self.inside) for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        return out
+
+    def largest(self, dtype=None):
+        return max(n for n, d, inside in self.made if not inside and dtype in (None, d))
+
+
+@pytest.mark.parametrize("positions", [1, 7, 40])
+def test_guidance_the_posterior_mean_and_sampling_in_chunks_equal_the_whole(positions, monkeypatch):
+    """Guidance acts element by element, so a chunk of it is exactly the whole's; the posterior mean of a chunk is
+    the same softmax and matrix product row by row (equal here; allclose is what a BLAS promises); and the sampler
+    makes the same codes in chunks as whole, with or without a callback (which sees the whole guided output)."""
+    K = 300
+    obj, model = vfm.Purrception(torch.randn(K, 2), num_classes=3), Passes(K)
+    z, y, s, tau = torch.randn(5, 6, 2), torch.tensor([0, 1, 2, 0, 1]), 1.7, 0.8
+    out = model(torch.cat([z, z]), torch.full((10,), 0.3), torch.cat([y, torch.full((5,), 3)])).float()
+    cond, uncond = out.chunk(2)
+    whole = uncond + s * (cond - uncond)  # (5, 6, K): the unchunked math
+    mu = torch.softmax(whole / tau, dim=-1) @ obj.codebook
+
+    def draw(**kw):
+        return obj.sample(model, (5, 6), y=y, steps=3, solver="heun", cfg_scale=s, temperature=tau,
+                          generator=torch.Generator().manual_seed(1), **kw)
+
+    codes = draw()
+    monkeypatch.setattr(vfm, "CHUNK", positions * K)
+    assert torch.equal(obj.guided(model, z, 0.3, y, s), whole)
+    assert torch.allclose(obj.posterior_mean(whole, tau), mu, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(obj.posterior_mean(whole.bfloat16(), tau), torch.softmax(whole.bfloat16().float() / tau, -1)
+                          @ obj.codebook, rtol=1e-6, atol=1e-7)  # bf16 logits: each chunk made float32
+    assert torch.equal(draw(), codes) and torch.equal(draw(callback=lambda t, z, out: None), codes)
+
+
+@pytest.mark.parametrize("name", ["purrception", "dfm", "dfm-redraw"])
+def test_sampling_memory_follows_the_chunk_not_batch_positions_and_codes(name, monkeypatch):
+    """At K = 16,384 with guidance, the largest tensor the sampler makes (outside the network, whose one output is
+    a bf16 (2B, *S, K)) is one chunk of positions' worth, not B x S x K float32 logits or copies of them."""
+    K, B, S, chunk = 16384, 2, (8, 8), 16  # 128 positions in chunks of 16
+    obj = baselines.build_objective(name.split("-")[0], torch.randn(K, 8), 3)
+    kw = dict(sampler="redraw") if name == "dfm-redraw" else {}
+    out = (3 * torch.randn(2 * B, *S, K)).bfloat16()  # the network's output, made before the probe looks
+
+    def peak(values):
+        monkeypatch.setattr(vfm, "CHUNK", values)
+        with Made() as probe:
+            obj.sample(lambda x, t, y: out[:x.shape[0]], (B, *S), y=torch.tensor([0, 1]), steps=3, cfg_scale=1.5,
+                       generator=torch.Generator().manual_seed(0), **kw)
+        return probe.largest(torch.float32), probe.largest()
+
+    whole = B * S[0] * S[1] * K
+    assert peak(2 ** 40) == (whole, whole)  # one chunk: the probe sees the B x S x K float32 logits
+    assert peak(chunk * K) == (chunk * K, chunk * K)  # chunks: no tensor larger than one, of any dtype
+
+
+def test_bf16_autocast_runs_the_network_alone_in_bf16():
+    """sample.py's autocast: the network's operations in bf16, everything else the sampler does (guidance, the
+    posterior mean, the solver's state, snapping) in float32."""
+    obj, net, probe = vfm.Purrception(torch.randn(64, 2), num_classes=3), Passes(64), Made()
+
+    def model(x, t, y):
+        probe.inside = True
+        try:
+            return net(x, t, y)
+        finally:
+            probe.inside = False
+
+    cpu = torch.device("cpu")
+    assert sample.autocast(model, "auto", cpu) == ("fp32", model) == sample.autocast(model, "fp32", cpu)
+    precision, run = sample.autocast(model, "bf16", cpu)
+    with probe:
+        codes = obj.sample(run, (4, 3), y=torch.tensor([0, 1, 2, 0]), steps=3, solver="heun", cfg_scale=2.0,
+                           generator=torch.Generator().manual_seed(0))
+    floats = {(d, inside) for _, d, inside in probe.made if d.is_floating_point}
+    assert precision == "bf16" and codes.dtype == torch.long
+    outside = {d for d, inside in floats if not inside} - {torch.float64}  # less solve_ode's float64 time grid
+    assert (torch.bfloat16, True) in floats and outside == {torch.float32}
+
+
+# ---- DFM's two samplers ------------------------------------------------------------------------------------
+
+def test_dfm_schedules_and_their_passes():
+    reveal, redraw = baselines.DFM.schedule(10, "reveal"), baselines.DFM.schedule(10, "redraw")
+    assert [t for t, _ in reveal] == vfm.evaluation_times(10, "euler")
+    assert all(h == pytest.approx(0.1) for _, h in reveal + redraw)
+    assert [t for t, _ in redraw] == pytest.approx([1e-4 + i / 10 for i in range(9)], abs=1e-12)  # the authors' 9
+    assert baselines.DFM.schedule(1, "redraw") == [(1e-4, 1.0)]
+    times = [t for t, _ in redraw]
+    assert vfm.guided_evaluations(10, "euler", 2.0, (0.3, 1.0), times=times) == 9 + 6  # 0.3001, ..., 0.8001 guided
+    for bad, message in (("sometimes", "unknown DFM sampler 'sometimes'"), ("reveal", "steps must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            baselines.DFM.schedule(0 if bad == "reveal" else 3, bad)
+
+
+def test_dfm_redraw_draws_every_token_from_the_authors_mixture():
+    """The authors' step: every token, masked or revealed, is drawn from (1 - r) delta_{x_t} + r p1 with
+    r = h / (1 - t), t_i = 1e-4 + i h; the last step draws no mask. With logits that ignore x_t, the code after
+    each step of the tokens holding a before it is checked against that distribution (4.5 standard errors)."""
+    obj = baselines.DFM(torch.randn(6, 2))
+    logits, shape, steps, h = torch.tensor([0.0, 0.5, -0.5, 1.0, 0.25, -0.25]), (400, 100), 5, 0.2
+    states = []
+    codes = obj.sample(lambda x, t, y: logits.expand(*x.shape, 6), shape, steps=steps, sampler="redraw",
+                       generator=torch.Generator().manual_seed(0), callback=lambda t, x, out: states.append((t, x)))
+    assert [t for t, _ in states] == pytest.approx([1e-4 + i * h for i in range(steps - 1)])
+    assert not (codes == obj.mask_token).any()
+    p1 = torch.softmax(logits.double(), -1)
+    changed = 0
+    for i, ((t, before), after) in enumerate(zip(states, [x for _, x in states[1:]] + [codes])):
+        r, last = h / (1 - t), i == len(states) - 1
+        for a in before.unique().tolist():
+            held = before == a
+            mixture = torch.cat([r * p1, torch.zeros(1, dtype=p1.dtype)])  # over the codes and the mask
+            mixture[a] += 1 - r
+            if last and a == obj.mask_token:
+                mixture = torch.cat([p1, torch.zeros(1, dtype=p1.dtype)])
+            n = held.sum().item()
+            freq = torch.bincount(after[held], minlength=7).double() / n  # codes 0-5, then the mask
+            assert ((freq - mixture).abs() <= 4.5 * (mixture * (1 - mixture) / n).sqrt() + 1e-12).all(), (i, a)
+            changed += (after[held] != a).sum().item() if a != obj.mask_token else 0
+    assert changed > 1000  # revealed tokens do change (the reveal sampler never changes one)
+
+
+@pytest.mark.parametrize("positions", [None, 1000])  # whole, or chunks of 1,000 of the 20,000 positions
+def test_dfm_reveal_sampler_in_chunks_follows_the_reveal_schedule(positions, monkeypatch):
+    if positions:
+        monkeypatch.setattr(vfm, "CHUNK", positions * 6)
+    test_dfm_sampler_follows_the_reveal_schedule()

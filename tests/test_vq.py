@@ -1,5 +1,5 @@
-"""The MNIST VQ tokenizer (mnist_vq.py): the quantizer against exact answers, the autoencoder's interface and its
-loading; then both commands of vq.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir`
+"""The MNIST VQ tokenizer (vq.py): the quantizer against exact answers, the autoencoder's interface and its
+loading; then both commands of tokenizer.py on a slice of the real Fashion-MNIST (the `tokenizer_run` and `codes_dir`
 fixtures of conftest.py) and their one-line errors."""
 
 import errno
@@ -12,19 +12,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
-import files
-import images
-import mnist_vq
-import tokenizers
+import tokenizer
 import vq
 from conftest import FASHION_MNIST, contents, run_cli
-
+from support import codesets, datasets, files, images, tokenizers
 
 # ---- the quantizer ----------------------------------------------------------------------------------------
 
 def test_lookup_picks_the_nearest_code():
-    quantizer = mnist_vq.VectorQuantizer(num_codes=64, dim=8).eval()
+    quantizer = vq.VectorQuantizer(num_codes=64, dim=8).eval()
     z = torch.randn(4, 8, 5, 5) * 3  # (B, d, h, w), any norm
     _, indices, _ = quantizer(z)
     flat = F.normalize(z.double().permute(0, 2, 3, 1).reshape(-1, 8), dim=1)  # (N, d)
@@ -38,7 +34,7 @@ def test_lookup_picks_the_nearest_code():
 
 
 def test_straight_through_gradient_passes_unchanged():
-    quantizer = mnist_vq.VectorQuantizer(num_codes=16, dim=4).eval()
+    quantizer = vq.VectorQuantizer(num_codes=16, dim=4).eval()
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     upstream = torch.randn(2, 4, 3, 3)
     z_q, indices, _ = quantizer(z)
@@ -50,7 +46,7 @@ def test_straight_through_gradient_passes_unchanged():
 
 
 def test_commitment_loss_on_a_known_input():
-    quantizer = mnist_vq.VectorQuantizer(num_codes=2, dim=2, beta=0.25).eval()
+    quantizer = vq.VectorQuantizer(num_codes=2, dim=2, beta=0.25).eval()
     quantizer.embedding.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     angle = math.pi / 6
     z = 3 * torch.tensor([math.cos(angle), math.sin(angle)]).view(1, 2, 1, 1)  # normalised to unit length
@@ -68,16 +64,16 @@ def clusters(centres, n, spread=0.01):
 
 def test_initialisation_finds_every_cluster():
     centres = F.normalize(torch.randn(8, 6), dim=1)
-    quantizer = mnist_vq.VectorQuantizer(num_codes=8, dim=6).train()
+    quantizer = vq.VectorQuantizer(num_codes=8, dim=6).train()
     _, indices, _ = quantizer(clusters(centres, 50))
     assert quantizer.initialized
-    assert mnist_vq.codebook_usage(mnist_vq.code_counts(indices, 8)) == 1.0
+    assert vq.codebook_usage(vq.code_counts(indices, 8)) == 1.0
     similarity = centres @ quantizer.codebook.T  # (8, 8)
     assert torch.all(similarity.max(dim=1).values > 0.99)
 
 
 def test_dead_codes_are_restarted_from_encoder_outputs():
-    quantizer = mnist_vq.VectorQuantizer(num_codes=8, dim=4, dead_after=3).train()
+    quantizer = vq.VectorQuantizer(num_codes=8, dim=4, dead_after=3).train()
     codes = torch.cat([torch.eye(4), -torch.eye(4)])  # the data lie near +e_i: codes 4..7 are never used
     quantizer.embedding.copy_(codes)
     quantizer.ema_sum.copy_(codes)
@@ -97,18 +93,18 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
 
 def test_usage_and_perplexity():
     K = 32
-    uniform = mnist_vq.code_counts(torch.arange(K).repeat(3), K)
-    assert mnist_vq.perplexity(uniform) == pytest.approx(K, rel=1e-12)
-    assert mnist_vq.codebook_usage(uniform) == 1.0
-    single = mnist_vq.code_counts(torch.full((5, 7, 7), 3), K)
-    assert mnist_vq.perplexity(single) == pytest.approx(1.0, rel=1e-12)
-    assert mnist_vq.codebook_usage(single) == 1 / K
+    uniform = vq.code_counts(torch.arange(K).repeat(3), K)
+    assert vq.perplexity(uniform) == pytest.approx(K, rel=1e-12)
+    assert vq.codebook_usage(uniform) == 1.0
+    single = vq.code_counts(torch.full((5, 7, 7), 3), K)
+    assert vq.perplexity(single) == pytest.approx(1.0, rel=1e-12)
+    assert vq.codebook_usage(single) == 1 / K
 
 
 # ---- the autoencoder --------------------------------------------------------------------------------------
 
 def test_autoencoder_interface():
-    model = mnist_vq.MnistVQ().eval()
+    model = vq.MnistVQ().eval()
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     codes = model.encode(x)
     assert codes.dtype == torch.long and codes.shape == (3, 7, 7)
@@ -123,7 +119,7 @@ def test_autoencoder_interface():
     assert reconstruction.shape == (3, 1, 28, 28) and indices.shape == (3, 7, 7) and loss.dim() == 0
 
 
-# ---- vq.py train and encode -------------------------------------------------------------------------------
+# ---- tokenizer.py train and encode -------------------------------------------------------------------------------
 
 def test_train_writes_a_run(tokenizer_run):
     assert sorted(p.name for p in tokenizer_run.iterdir()) == ["metrics.json", "recon.png", "tokenizer.pt"]
@@ -135,9 +131,9 @@ def test_train_writes_a_run(tokenizer_run):
     tokenizer = tokenizers.load(str(tokenizer_run / "tokenizer.pt"))
     assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
     ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
-    assert ckpt["kind"] == mnist_vq.KIND and ckpt["metrics"] == metrics
+    assert ckpt["kind"] == tokenizers.MNIST_KIND and ckpt["metrics"] == metrics
     # the test metrics again, from the saved tokenizer and the first 512 test images, computed here directly
-    pixels, _ = data.load_mnist("fashion-mnist", FASHION_MNIST, "test")
+    pixels, _ = datasets.load_mnist("fashion-mnist", FASHION_MNIST, "test")
     x = torch.from_numpy(pixels[:512]).float().div(127.5).sub(1).unsqueeze(1)  # (512, 1, 28, 28)
     codes = tokenizer.encode(x)
     assert metrics["test_mse"] == pytest.approx((tokenizer.decode(codes) - x).pow(2).mean().item(), rel=1e-5)
@@ -149,7 +145,7 @@ def test_train_writes_a_run(tokenizer_run):
 
 def test_train_flags(tmp_path):
     def run(out, seed):
-        vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out),
+        tokenizer.main(["train", "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(out),
                  "--steps", "3", "--batch-size", "32", "--limit", "64", "--lr", "1e-3", "--codebook-size", "64",
                  "--seed", str(seed), "--download"])  # the files are there: --download fetches nothing
         return tokenizers.load(str(out / "tokenizer.pt"))
@@ -161,34 +157,34 @@ def test_train_flags(tmp_path):
 
 
 def test_encode_writes_the_tokenizers_codes(tokenizer_run, codes_dir):
-    codes = data.CodeSet(str(codes_dir))
+    codes = codesets.CodeSet(str(codes_dir))
     tokenizer = tokenizers.load(str(tokenizer_run / "tokenizer.pt"))
-    pixels, labels = data.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    pixels, labels = datasets.load_mnist("fashion-mnist", FASHION_MNIST, "train")
     expected = torch.cat([tokenizer.encode(images.to_float(pixels[lo:min(lo + 500, 512)])) for lo in (0, 500)])
     stored, stored_labels = codes.get(np.arange(512))
     assert len(codes) == 512 and codes.views == 1 and codes.grid == (7, 7) and codes.num_classes == 10
     assert np.array_equal(stored, expected.numpy()) and np.array_equal(stored_labels, labels[:512])
     assert np.array_equal(codes.codebook, tokenizer.codebook.numpy())
-    assert codes.meta["tokenizer"] == {"kind": mnist_vq.KIND, "path": str(tokenizer_run / "tokenizer.pt")}
-    assert codes.meta["class_names"] == data.CLASS_NAMES["fashion-mnist"] and codes.meta["image_shape"] == [1, 28, 28]
+    assert codes.meta["tokenizer"] == {"kind": tokenizers.MNIST_KIND, "path": str(tokenizer_run / "tokenizer.pt")}
+    assert codes.meta["class_names"] == datasets.CLASS_NAMES["fashion-mnist"] and codes.meta["image_shape"] == [1, 28, 28]
 
 
 def test_encode_refuses_an_existing_code_set_without_force(tokenizer_run, tmp_path, capsys):
     args = ["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--dataset", "fashion-mnist",
             "--data-dir", FASHION_MNIST, "--split", "test", "--limit", "100", "--batch-size", "32",
             "--out", str(tmp_path / "codes")]
-    vq.main(args)
-    assert len(data.CodeSet(str(tmp_path / "codes"))) == 100
+    tokenizer.main(args)
+    assert len(codesets.CodeSet(str(tmp_path / "codes"))) == 100
     before = contents(tmp_path / "codes")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(args)
+        tokenizer.main(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.strip().splitlines() == [
         f"error: {tmp_path / 'codes'}: a code set already exists; pass --force to overwrite"]
     assert contents(tmp_path / "codes") == before
-    meta = vq.main(args + ["--force", "--limit", "50"])
-    assert meta["split"] == "test" and len(data.CodeSet(str(tmp_path / "codes"))) == 50
+    meta = tokenizer.main(args + ["--force", "--limit", "50"])
+    assert meta["split"] == "test" and len(codesets.CodeSet(str(tmp_path / "codes"))) == 50
 
 
 # ---- loading and user errors ------------------------------------------------------------------------------
@@ -200,7 +196,7 @@ def test_load_rejects_bad_files(tmp_path, tokenizer_run):
     ckpt = torch.load(tokenizer_run / "tokenizer.pt", weights_only=True)
     del ckpt["model"]["decoder.net.0.weight"]
     torch.save(ckpt, wrong_weights)
-    expected = "expected a tokenizer written by `python vq.py train`"
+    expected = "expected a tokenizer written by `python tokenizer.py train`"
     cases = [(tmp_path / "missing.pt", FileNotFoundError, ["no such file", expected]),
              (corrupt, ValueError, ["not a readable PyTorch file", expected]),
              (wrong_kind, ValueError, ["kind 'dit'", expected]),
@@ -211,33 +207,33 @@ def test_load_rejects_bad_files(tmp_path, tokenizer_run):
         message = str(error.value)
         assert str(path) in message and all(r in message for r in reasons) and "\n" not in message
     path = str(tokenizer_run / "tokenizer.pt")
-    assert tokenizers.load(mnist_vq.KIND, ckpt=path).codebook.shape == (256, 8)  # by registry name
+    assert tokenizers.load(tokenizers.MNIST_KIND, ckpt=path).codebook.shape == (256, 8)  # by registry name
     with pytest.raises(ValueError, match="needs the path of its weights"):
-        tokenizers.load(mnist_vq.KIND)
+        tokenizers.load(tokenizers.MNIST_KIND)
     with pytest.raises(ValueError, match="holds its own weights"):
         tokenizers.load(path, ckpt=path)
 
 
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, tokenizer_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out",
+        tokenizer.main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "nowhere" in err and "Traceback" not in err
-    rc, _, err = run_cli("vq.py", "encode", "--tokenizer", tmp_path / "none.pt", "--dataset", "mnist",
+    rc, _, err = run_cli("tokenizer.py", "encode", "--tokenizer", tmp_path / "none.pt", "--dataset", "mnist",
                          "--data-dir", FASHION_MNIST, "--out", tmp_path / "codes")
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "none.pt" in err
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
-    rc, _, err = run_cli("vq.py", "encode", "--tokenizer", tmp_path / "junk.pt", "--dataset", "fashion-mnist",
+    rc, _, err = run_cli("tokenizer.py", "encode", "--tokenizer", tmp_path / "junk.pt", "--dataset", "fashion-mnist",
                          "--data-dir", FASHION_MNIST, "--out", tmp_path / "codes")
     assert rc == 2 and err.count("\n") == 1 and f"{tmp_path / 'junk.pt'}: not a readable PyTorch file" in err
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(["train", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "run"),
+        tokenizer.main(["train", "--dataset", "mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "run"),
                  "--steps", "0"])
     assert exit_info.value.code == 2 and "--steps 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--tokenizer-ckpt", "x.pt",
+        tokenizer.main(["encode", "--tokenizer", str(tokenizer_run / "tokenizer.pt"), "--tokenizer-ckpt", "x.pt",
                  "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--out", str(tmp_path / "codes")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--tokenizer-ckpt goes with a pretrained --tokenizer" in err
@@ -278,7 +274,7 @@ def train_args(out, *extra):
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_run(old_run, capsys, extra, message):
     before = contents(old_run)
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(train_args(old_run, *extra))
+        tokenizer.main(train_args(old_run, *extra))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert len(error_lines(err)) == 1 and message in error_lines(err)[0] and "lower --lr" in err
@@ -287,16 +283,16 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_run(old_run
 
 def test_train_refuses_to_replace_a_tokenizer_without_force(old_run, capsys):
     before = contents(old_run)
-    rc, _, err = run_cli("vq.py", *train_args(old_run))
+    rc, _, err = run_cli("tokenizer.py", *train_args(old_run))
     assert rc == 2 and err.strip().splitlines() == [
         f"error: {old_run / 'tokenizer.pt'} exists: pass --force to replace it, or choose another --out"]
     assert contents(old_run) == before
-    vq.main(train_args(old_run, "--force"))
+    tokenizer.main(train_args(old_run, "--force"))
     assert contents(old_run)["tokenizer.pt"] != before["tokenizer.pt"]
     assert json.loads((old_run / "metrics.json").read_text())["steps"] == 3
     assert not list(old_run.glob("*.tmp"))
     with pytest.raises(SystemExit):
-        vq.parse_args(["train", "--help"])
+        tokenizer.parse_args(["train", "--help"])
     assert "--force" in capsys.readouterr().out
 
 
@@ -318,7 +314,7 @@ def test_train_refuses_to_replace_a_tokenizer_without_force(old_run, capsys):
 def test_bad_numbers_are_one_line_before_any_work(tmp_path, tokenizer_run, capsys, args, message):
     swap = {"OUT": str(tmp_path / "out"), "TOKENIZER": str(tokenizer_run / "tokenizer.pt")}
     with pytest.raises(SystemExit) as exit_info:
-        vq.main([swap.get(a, a) for a in args])
+        tokenizer.main([swap.get(a, a) for a in args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert not (tmp_path / "out").exists()
@@ -330,7 +326,7 @@ def test_bad_numbers_are_one_line_before_any_work(tmp_path, tokenizer_run, capsy
     ("data-dir is a file", "{tmp}/FILE: a file, not a directory (expected the fashion-mnist IDX files there)"),
     ("data-dir is a code set", "{codes}/train-images-idx3-ubyte[.gz]: missing fashion-mnist train file"),
     ("tokenizer is a samples.npz", "{tmp}/samples.npz: not a readable PyTorch file"),
-    ("tokenizer is a run directory", "{run}: a directory; expected a tokenizer written by `python vq.py train`"),
+    ("tokenizer is a run directory", "{run}: a directory; expected a tokenizer written by `python tokenizer.py train`"),
     ("tokenizer is pretrained", "--tokenizer llamagen-vq16 encodes colour images (--dataset imagefolder)"),
 ])
 def test_bad_paths_and_files_are_one_line_before_any_work(tmp_path, tokenizer_run, codes_dir, monkeypatch, capsys,
@@ -347,10 +343,10 @@ def test_bad_paths_and_files_are_one_line_before_any_work(tmp_path, tokenizer_ru
             "tokenizer is a run directory": encode + ["--tokenizer", str(tokenizer_run)],
             "tokenizer is pretrained": encode + ["--tokenizer", "llamagen-vq16", "--tokenizer-ckpt", "x.pt"]}[case]
     if case.startswith("out"):  # the output is checked before the data is read
-        monkeypatch.setattr(data, "load_mnist", lambda *a, **k: pytest.fail("read the data before checking --out"))
+        monkeypatch.setattr(datasets, "load_mnist", lambda *a, **k: pytest.fail("read the data before checking --out"))
     run_before, codes_before = contents(tokenizer_run), contents(codes_dir)
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(args)
+        tokenizer.main(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert message.format(tmp=tmp_path, run=tokenizer_run, codes=codes_dir) in err
@@ -365,7 +361,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_run_whole(old_run, monkeypat
     before = contents(old_run)
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as exit_info:
-        vq.main(train_args(old_run, "--force"))
+        tokenizer.main(train_args(old_run, "--force"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert len(error_lines(err)) == 1 and "No space left on device" in error_lines(err)[0]

@@ -4,14 +4,16 @@ Purrception and its baselines on 2D toy codebooks, in seconds on a laptop CPU.
     python toy/run.py                      # all four methods on the checkerboard: a table and figures
     python toy/run.py --method oracle      # the exact posterior through Purrception's sampler
     python toy/run.py --method cfm --toy rings --iters 2000 --seed 1 --out runs/toy-cfm
+    python toy/run.py --animate            # also flow.gif: Purrception's flow beside the exact posterior's
 
 Every method trains the same small MLP (it reads all N tokens of z_t, so a token's posterior can depend on the
 others) with the same budget, then draws 20,000 samples with 100 Euler steps; the score is the total-variation
-distance between the histogram of generated codes and the true p(c).
+distance between the histogram of generated codes and the true p(c). These defaults are the preset
+configs/toy.json (--config toy).
 
 Outputs in --out: metrics.json for one --method; otherwise metrics-METHOD.json for each method, table.md and
-samples.png, posterior.png, temperature.png. They are written together when the run ends, and files of an
-earlier run there are replaced only with --force.
+samples.png, posterior.png, temperature.png (toy/figures.py draws them); with --animate also flow.gif. They
+are written together when the run ends, and files of an earlier run there are replaced only with --force.
 """
 
 import argparse
@@ -26,13 +28,17 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python toy/run.py` from anywhere
-import files  # noqa: E402
+import baselines  # noqa: E402
 import vfm  # noqa: E402
-from cli import ArgumentParser, UserError, check_positive, check_seed, make_dir, run_command  # noqa: E402
-from schedule import learning_rate  # noqa: E402
+from support import config, files  # noqa: E402
+from support.cli import ArgumentParser, UserError, check_positive, check_seed, make_dir, run_command  # noqa: E402
+from support.schedule import learning_rate  # noqa: E402
+from toy import figures  # noqa: E402
 from toy.toys import TOYS, Oracle, make_toy  # noqa: E402
 
-METHODS = (*vfm.OBJECTIVES, "oracle")
+METHODS = (*baselines.OBJECTIVES, "oracle")
+ANIMATED = ("oracle", "purrception")  # the flows whose posterior flow.gif shows
+ANIMATED_POINTS = 400
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,28 +70,24 @@ class ToyMLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Train, sample, measure
+# Train
 # ----------------------------------------------------------------------------------------------------------
 
-def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, on_step=None, init=None,
-          couplings=None):
-    """Train a ToyMLP for `iters` steps; on_step(step, model), if given, runs after each optimizer step
-    (step counts the steps done, 1 to iters), e.g. to score the model along the way. init: a ToyMLP to start
-    from (a copy is trained). couplings: (codes (M, N), noise (M, N, d)), fixed pairs to train on instead of
-    fresh samples and fresh noise (a reflow student)."""
+def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, init=None, couplings=None, on_step=None,
+          progress=None):
+    """A ToyMLP trained for `iters` AdamW steps on batches of the toy, the rate warmed up linearly over the first
+    5% and decayed to zero on a cosine (support/schedule.py). init: a ToyMLP to start from (a copy is trained).
+    couplings: fixed pairs (codes (M, N), noise (M, N, d)) to train on (a reflow student). on_step(step, model)
+    runs after each step (1 to iters), e.g. to score the model; progress(step, loss) every 200 steps."""
     torch.manual_seed(seed)
     model = ToyMLP(toy.num_tokens, **objective.model_io()) if init is None else copy.deepcopy(init).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for step in range(iters):
-        # a linear warm-up over the first 5%, and a cosine decay to zero over the whole run
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, iters, lr, warmup=max(1, iters // 20), final=0.0, decay_start=0)
-        if couplings is None:
-            loss, _, _ = objective.loss(model, toy.sample(batch_size, g), generator=g)
-        else:
-            i = torch.randint(len(couplings[0]), (batch_size,), generator=g)
-            loss, _, _ = objective.loss(model, couplings[0][i], generator=g, z0=couplings[1][i])
+        codes, z0 = draw_batch(toy, batch_size, g, couplings)  # (B, N), and (B, N, d) or None: fresh noise
+        loss, _, _ = objective.loss(model, codes, generator=g, z0=z0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -95,6 +97,18 @@ def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, progress=None, o
             progress(step, loss.item())
     return model.eval()
 
+
+def draw_batch(toy, batch_size, generator, couplings=None):
+    """batch_size codes (B, N) of the toy and no noise (the loss draws it), or as many (codes, noise) couplings."""
+    if couplings is None:
+        return toy.sample(batch_size, generator), None
+    i = torch.randint(len(couplings[0]), (batch_size,), generator=generator)
+    return couplings[0][i], couplings[1][i]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sample and measure
+# ----------------------------------------------------------------------------------------------------------
 
 def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperature=1.0, callback=None,
            couplings=False):
@@ -106,6 +120,17 @@ def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperatur
     codes = objective.sample(model, (n, toy.num_tokens), steps=steps, solver=solver, temperature=temperature,
                              generator=g, callback=callback, z0=z0)
     return (codes, z0) if couplings else codes
+
+
+def euler_path(toy, objective, model, n, seed, steps=100):
+    """The Euler path of n of sample()'s samples (a continuous flow), in the toy's coordinates (the flow's over its
+    codebook scale): the times t_i of the network evaluations (T,), z_t there (T, n, N, 2), the network output
+    there (T, n, N, out_dim) and the codes the path snaps to at t = 1 (n, N, 2)."""
+    scale = objective.codebook.pow(2).mean().sqrt() / toy.codebook.pow(2).mean().sqrt()
+    ts, zs, outs = [], [], []
+    codes = sample(toy, objective, model, n, seed, steps=steps,
+                   callback=lambda t, z, out: (ts.append(t), zs.append(z / scale), outs.append(out)))
+    return torch.tensor(ts), torch.stack(zs), torch.stack(outs), objective.codebook[codes] / scale
 
 
 @torch.no_grad()
@@ -129,8 +154,8 @@ def posterior_by_t(toy, codebook, model, ts, n=2000, seed=0):
 def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print, codebook_scale="raw"):
     """Train one method (the oracle needs no training) and score its samples. Returns (metrics, model, objective,
     the samples scored)."""
-    objective = vfm.build_objective("purrception" if method == "oracle" else method, toy.codebook,
-                                    codebook_scale=codebook_scale)
+    objective = baselines.build_objective("purrception" if method == "oracle" else method, toy.codebook,
+                                          codebook_scale=codebook_scale)
     start = time.time()
     if method == "oracle":
         model, iters = Oracle(toy, objective.codebook), 0
@@ -148,98 +173,32 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Figures
+# Figures: what they show is computed here, toy/figures.py draws it
 # ----------------------------------------------------------------------------------------------------------
 
-def draw_histogram(ax, toy, hist, title):
-    """Codes as dots whose area is their probability (first token's marginal for multi-token toys)."""
-    K = toy.num_codes
-    marginal = hist.view(K, -1).sum(1) if toy.num_tokens > 1 else hist
-    pts = toy.codebook.numpy()
-    ax.scatter(pts[:, 0], pts[:, 1], s=4, c="0.8")
-    ax.scatter(pts[:, 0], pts[:, 1], s=2000 * marginal.numpy() * math.sqrt(K) / 8, c="tab:blue", alpha=0.8)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlim(-2.2, 2.2)
-    ax.set_ylim(-2.2, 2.2)
-    ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def figures(toy, results, seed, steps, n=4000):
-    """{file name: its writer} for samples.png (the histograms of the scored samples, and trajectories of 64),
-    posterior.png (entropy and KL over t) and temperature.png (n samples at each temperature)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scale = results["oracle"][2].codebook.pow(2).mean().sqrt() / toy.codebook.pow(2).mean().sqrt()
-    names = ["data"] + [m for m in ("oracle", *vfm.OBJECTIVES) if m in results]
-    fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 4.8))
-    g, written = torch.Generator().manual_seed(seed), {}
-    for col, name in enumerate(names):
-        if name == "data":
-            draw_histogram(axes[0, col], toy, toy.true_histogram(), "p(c)")
-            pts = (toy.codebook[toy.sample(2000, g)] + 0.03 * torch.randn(2000, toy.num_tokens, 2, generator=g))
-            axes[1, col].scatter(*pts[:, 0].T.numpy(), s=1, c="tab:blue", alpha=0.3)
-            axes[1, col].set_title("data (token 1)", fontsize=9)
-        else:
-            metrics, model, objective, codes = results[name]
-            draw_histogram(axes[0, col], toy, toy.histogram(codes), f"{name}  TV {metrics['tv']:.3f}")
-            path = []
-            if name != "dfm":
-                ends = sample(toy, objective, model, 64, seed, steps=steps,
-                              callback=lambda t, z, out: path.append(z[:, 0] / scale))
-                path = torch.stack(path + [objective.codebook[ends[:, 0]] / scale])  # (T, 64, 2)
-                for i in range(path.shape[1]):
-                    axes[1, col].plot(*path[:, i].T.numpy(), lw=0.5, c="tab:orange", alpha=0.6)
-                axes[1, col].set_title("trajectories (token 1)", fontsize=9)
-            else:
-                axes[1, col].text(0, 0, "discrete jumps:\nno path", ha="center", va="center", fontsize=8)
-                axes[1, col].set_title("trajectories", fontsize=9)
-        pts = toy.codebook.numpy()
-        axes[1, col].scatter(pts[:, 0], pts[:, 1], s=4, c="k")
-        for ax in axes[1, col:col + 1]:
-            ax.set_xlim(-3.5, 3.5)
-            ax.set_ylim(-3.5, 3.5)
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{toy.name}: {toy.description}; {steps} Euler steps", fontsize=10)
-    fig.tight_layout()
-    written["samples.png"] = files.figure(fig)
-
+def pictures(toy, results, seed, steps, n=4000):
+    """{file name: its writer} for samples.png, posterior.png and temperature.png (n samples a temperature)."""
+    paths = {}
+    for name, (_, model, objective, _) in results.items():
+        if name != "dfm":  # DFM's tokens jump from mask to code: no path
+            _, z, _, ends = euler_path(toy, objective, model, 64, seed, steps)
+            paths[name] = (z, ends)
+    written = {"samples.png": figures.samples(toy, results, paths, steps, seed)}
     if "purrception" in results:
         _, model, objective, _ = results["purrception"]
         rows = posterior_by_t(toy, objective.codebook, model, torch.linspace(0.02, 0.98, 25).tolist(), n=2000)
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-        ts = [r["t"] for r in rows]
-        a.plot(ts, [r["entropy_exact"] for r in rows], label="exact posterior", c="k")
-        a.plot(ts, [r["entropy_model"] for r in rows], label="learned (Purrception)", c="tab:blue", ls="--")
-        a.set_xlabel("t (0 = noise, 1 = data)")
-        a.set_ylabel("mean entropy of q(c | z_t) [nats]")
-        a.legend(fontsize=8)
-        b.plot(ts, [r["kl"] for r in rows], c="tab:red")
-        b.set_xlabel("t")
-        b.set_ylabel("KL(exact || learned) [nats/token]")
-        fig.suptitle(f"{toy.name}: the posterior along the path", fontsize=10)
-        fig.tight_layout()
-        written["posterior.png"] = files.figure(fig)
-
-        temps = [0.25, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0]
-        fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
-        for name, style in (("oracle", "k-o"), ("purrception", "b-s")):
-            _, model, objective, _ = results[name]
-            drawn = {tau: sample(toy, objective, model, n, seed, steps=steps, temperature=tau) for tau in temps}
-            axes[0].plot(temps, [toy.tv(codes) for codes in drawn.values()], style, label=name, ms=3)
-        axes[0].set_xlabel("temperature tau")
-        axes[0].set_ylabel(f"TV to p(c) ({n:,} samples)")
-        axes[0].legend(fontsize=8)
-        for ax, tau in zip(axes[1:], (0.5, 1.0, 2.0)):
-            draw_histogram(ax, toy, toy.histogram(drawn[tau]), f"Purrception, tau = {tau}")
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
-        written["temperature.png"] = files.figure(fig)
+        written["posterior.png"] = figures.posterior(toy, rows)
+        drawn = {name: {tau: sample(toy, objective, model, n, seed, steps=steps, temperature=tau)
+                        for tau in figures.TEMPERATURES}
+                 for name, (_, model, objective, _) in results.items() if name in ("oracle", "purrception")}
+        written["temperature.png"] = figures.temperature(toy, drawn)
     return written
+
+
+def animation(toy, results, seed, steps):
+    """The writer of flow.gif: the Euler paths of ANIMATED_POINTS samples of the ANIMATED methods in results."""
+    return figures.animation(toy, {name: euler_path(toy, results[name][2], results[name][1], ANIMATED_POINTS,
+                                                    seed, steps)[:3] for name in ANIMATED if name in results})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +207,7 @@ def figures(toy, results, seed, steps, n=4000):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, help="run one method and write OUT/metrics.json "
                    "(default: all four methods and the oracle, with a table and figures)")
     p.add_argument("--toy", default="checkerboard", choices=list(TOYS))
@@ -261,19 +220,27 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    return p.parse_args(argv)
+    p.add_argument("--animate", action="store_true", help=f"also write OUT/flow.gif: {ANIMATED_POINTS} points "
+                   f"flowing from the noise onto the codebook, coloured by the entropy of their posterior (the "
+                   f"oracle's and Purrception's; with --method, one of them)")
+    return config.parse_args(p, argv, "toy")
 
 
 def output_names(args):
     if args.method:
-        return ["metrics.json"]
-    names = [f"metrics-{method}.json" for method in ("oracle", *vfm.OBJECTIVES)] + ["table.md"]
-    return names + ([] if args.no_figures else ["samples.png", "posterior.png", "temperature.png"])
+        names = ["metrics.json"]
+    else:
+        names = [f"metrics-{method}.json" for method in ("oracle", *baselines.OBJECTIVES)] + ["table.md"]
+        names += [] if args.no_figures else ["samples.png", "posterior.png", "temperature.png"]
+    return names + (["flow.gif"] if args.animate else [])
 
 
 def run(args):
     check_positive(args, "iters", "num_samples", "steps")
     check_seed(args)
+    if args.animate and args.method not in (None, *ANIMATED):
+        raise UserError(f"--animate --method {args.method}: flow.gif shows the posterior of "
+                        f"{' or '.join(ANIMATED)}; choose one of them, or no --method for both")
     make_dir(args.out)
     existing = [name for name in output_names(args) if os.path.exists(os.path.join(args.out, name))]
     if existing and not args.force:
@@ -290,42 +257,45 @@ def run(args):
 
 def experiment(args):
     toy = make_toy(args.toy)
-    quiet = lambda *a: None  # noqa: E731
-    out = lambda name: os.path.join(args.out, name)  # noqa: E731
+    start, results, writers = time.time(), {}, {}
+    if args.method:
+        results[args.method] = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps,
+                                          codebook_scale=args.codebook_scale)
+        metrics = results[args.method][0]
+        writers["metrics.json"] = lambda path: files.write_json(path, metrics)
+    else:
+        print(f"toy '{toy.name}': {toy.description}; {args.iters} iterations per method, "
+              f"{args.num_samples} samples, {args.steps} Euler steps")
+        for method in ("oracle", *baselines.OBJECTIVES):
+            results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps,
+                                         log=lambda *a: None, codebook_scale=args.codebook_scale)
+            print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
+        table = files.markdown_table(["method", "iterations", "seconds", "TV"],
+                                     [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
+                                      for m, _, _, _ in results.values()])
+        writers.update({f"metrics-{method}.json": lambda path, m=m: files.write_json(path, m)
+                        for method, (m, _, _, _) in results.items()})
+        writers["table.md"] = lambda path: files.write_text(path, table)
+        if not args.no_figures:
+            writers.update(pictures(toy, results, args.seed, args.steps, min(4000, args.num_samples)))
+    if args.animate:
+        writers["flow.gif"] = animation(toy, results, args.seed, args.steps)
+    files.write_together({os.path.join(args.out, name): write for name, write in writers.items()})
 
     if args.method:
-        metrics, _, _, _ = run_method(toy, args.method, args.iters, args.seed, args.num_samples, args.steps,
-                                   codebook_scale=args.codebook_scale)
-        files.write_json(out("metrics.json"), metrics)
         print(json.dumps(metrics))
         return metrics
-
-    start, results = time.time(), {}
-    print(f"toy '{toy.name}': {toy.description}; {args.iters} iterations per method, "
-          f"{args.num_samples} samples, {args.steps} Euler steps")
-    for method in ("oracle", *vfm.OBJECTIVES):
-        results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps, log=quiet,
-                                     codebook_scale=args.codebook_scale)
-        print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
-    table = files.markdown_table(["method", "iterations", "seconds", "TV"],
-                                 [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
-                                  for m, _, _, _ in results.values()])
-    writers = {out(f"metrics-{method}.json"): lambda path, m=m: files.write_json(path, m)
-               for method, (m, _, _, _) in results.items()}
-    writers[out("table.md")] = lambda path: files.write_text(path, table)
-    if not args.no_figures:
-        writers.update({out(name): write for name, write in
-                        figures(toy, results, args.seed, args.steps, min(4000, args.num_samples)).items()})
-    files.write_together(writers)
     print(table, end="")
     if not args.no_figures:
         print(f"figures: {args.out}/samples.png, posterior.png, temperature.png")
+    if args.animate:
+        print(f"animation: {args.out}/flow.gif")
     print(f"total {time.time() - start:.1f} s")
     return results
 
 
 def main(argv=None):
-    return run_command(run, parse_args(argv))
+    return run_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

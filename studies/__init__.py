@@ -1,1 +1,0 @@
-"""The paper's claims measured at laptop scale, a module per claim; `python study.py` is their command line."""

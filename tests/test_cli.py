@@ -1,0 +1,87 @@
+"""support/cli.py's run_command, every script's entry point: SIGTERM raises as Ctrl-C does, so cleanups run."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import cli
+from support import distributed
+from support.cli import run_command
+
+
+class Unhandled(Exception):
+    pass
+
+
+def test_sigterm_raises_like_ctrl_c_runs_the_cleanups_and_exits_143(capsys):
+    """Inside a command SIGTERM is an exception (KeyboardInterrupt's kind), not a silent death: `finally` blocks run,
+    the command says "interrupted" and exits 143; afterwards the handler before it is back."""
+
+    def outside(signum, frame):  # stands for whatever handled SIGTERM before the command (here: not a death)
+        raise Unhandled
+
+    cleaned = []
+
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_command(command)
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143 and cleaned == [True] and capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_stop_request_is_noted_and_a_second_signal_quits_at_once():
+    """train.py's handler only notes the first signal (the loop saves and stops at its step); a second raises at
+    once, except a SIGTERM within a second of the first: the same request twice (SLURM signals every process of a
+    job step, and torchrun forwards its own copy to its workers)."""
+    stops = distributed.StopRequests(1, torch.device("cpu"))
+    assert stops.requested(1) == 0
+    stops.on_signal(signal.SIGTERM, None)
+    stops.on_signal(signal.SIGTERM, None)
+    assert stops.requested(2) == signal.SIGTERM
+    stops.since -= 2  # a second later
+    with pytest.raises(distributed.Interrupted) as e:
+        stops.on_signal(signal.SIGTERM, None)
+    assert e.value.signum == signal.SIGTERM
+    stops = distributed.StopRequests(1, torch.device("cpu"))
+    stops.on_signal(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: out at once, as before
+        stops.on_signal(signal.SIGINT, None)
+
+
+def test_sample_stopped_by_sigterm_leaves_no_batches_and_no_samples(codes_dir, tmp_path):
+    """sample.py stopped by SIGTERM mid-run (as a cluster stops a job): its batches in OUT/.parts go, and no
+    samples.npz is left, whole or half-written; one line, exit 143."""
+    train.main(["--codes", str(codes_dir), "--out", str(tmp_path / "run"), "--steps", "1", "--model", "DiT-T/1",
+                "--batch-size", "8", "--sample-every", "0"])
+    out = tmp_path / "s"
+    cmd, kwargs = cli("sample.py", "--ckpt", tmp_path / "run" / "checkpoints" / "last.pt", "--num-samples", 100_000,
+                      "--batch-size", 10, "--steps", 20, "--out", out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / ".parts").is_dir() and len(os.listdir(out / ".parts")) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "\ninterrupted\n" in err and "Traceback" not in err, err[-2000:]
+    assert not [name for name in os.listdir(out) if name in (".parts", "samples.npz") or name.endswith(".tmp")]
