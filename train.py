@@ -71,7 +71,7 @@ class Settings:
     codebook_scale: str = flag("raw", "the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py",
                                choices=vfm.CODEBOOK_SCALES)
     time_dist: str = flag("uniform", "training times: 'uniform' (the paper's) or 'logit-normal:M:S'; see vfm.py")
-    time_scale: float = flag(float(TIME_SCALE), "the DiT embeds sinusoids of time_scale * t (DiT's 1000; the authors' 1)")
+    time_scale: float = flag(float(TIME_SCALE), "the DiT embeds sinusoids of time_scale * t (DiT: 1000; authors: 1)")
     no_flip: bool = flag(False, "train on the first view of each code grid (the center crop) only, not on a random "
                          "one of it and its horizontal flip")
     precision: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU",

@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python experiments/...` from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import baselines
 import vfm
 from experiments.studies import codebook, convergence, fewstep, guidance, solvers, temperature, uncertainty

@@ -1,7 +1,8 @@
 """
 The command-line boundary: where a user's mistake becomes one line and a non-zero exit, never a traceback.
 
-Library code (support/datasets.py, vfm.py, the tokenizers, ...) raises ordinary exceptions: ValueError for content that is
+Library code (support/datasets.py, vfm.py, the tokenizers, ...) raises ordinary exceptions: ValueError for content
+that is
 not what was expected, OSError (FileNotFoundError, ...) for paths, each with a message that names the file.
 The scripts turn those into UserError where they read the user's input (`with user_errors(): ...`), and
 `run_command` prints a UserError as `error: <message>` on stderr and exits with status 2.

@@ -118,8 +118,8 @@ class CodeSet:
             ("shard_sizes", isinstance(m["shard_sizes"], list) and all(natural(n, 0) for n in m["shard_sizes"]))]
             if not ok]
         if wrong:
-            raise ValueError(f"{meta_path}: {wrong[0]} {m[wrong[0]]!r} is not what `tokenizer.py encode` writes; expected "
-                             f"{expected}")
+            raise ValueError(f"{meta_path}: {wrong[0]} {m[wrong[0]]!r} is not what `tokenizer.py encode` writes; "
+                             f"expected {expected}")
         self.dir = code_dir
         self.codebook = _load_npy(os.path.join(code_dir, "codebook.npy"), expected, mmap_mode=None)
         if self.codebook.shape != (self.num_codes, self.meta["code_dim"]):

@@ -15,7 +15,8 @@ from support import files
 
 def to_uint8(images):
     """(B, C, H, W) floats in [-1, 1] -> (B, H, W, C) uint8 numpy."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
 
 
 def to_float(images):

@@ -23,7 +23,8 @@ def mnist_checkpoint(model, **extra):
 
 
 def load_mnist_vq(path, device="cpu"):
-    """A tokenizer written by `python tokenizer.py train`, frozen, in eval mode; ValueError naming the file otherwise."""
+    """A tokenizer written by `python tokenizer.py train`, frozen, in eval mode; ValueError naming the file
+    otherwise."""
     expected = f"a tokenizer written by `python tokenizer.py train` (kind {MNIST_KIND!r})"
     ckpt = files.load_torch(path, expected)
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None

@@ -1,1 +1,1 @@
-"""The paper's claims measured at laptop scale, a module per claim; `python experiments/study.py` is their command line."""
+"""The paper's claims measured at laptop scale, a module per claim; experiments/study.py is their command line."""
