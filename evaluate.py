@@ -25,6 +25,9 @@ Against the real TEST split it gives:
 
 Both FID and coverage depend on the number of samples: real Fashion-MNIST training images score FID-LeNet
 2.9 +- 0.6 and coverage 0.38 by 1,000 (8 random draws), 0.47 and 0.97 by 10,000. Compare sets of equal size.
+Beside FID-LeNet its floor, `fid_floor`: the FID-LeNet of as many real images (the first n of the TRAINING split,
+at most all of it; None where its files are absent) against the test split, what a perfect sampler would score;
+where it is more than half the FID-LeNet, a warning on stderr says the sample set is too small to rank by it.
 Samples belong to the class they were conditioned on (the .npz's `labels`), or to their predicted class when
 the .npz has none; `accuracy` is then absent. FID-LeNet values are comparable only between runs scored by the
 same classifier file, and not at all with Inception FID: metrics.json records the classifier and its test
@@ -42,6 +45,7 @@ flow over its codes: a flow can at best reproduce the tokenizer's codes of real 
 import functools
 import json
 import os
+import sys
 import zipfile
 import zlib
 
@@ -110,6 +114,7 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
     images, labels = check_images(images, labels, len(names))
     model, info, real_features, real_labels, (real_mu, real_sigma) = _prepared(dataset, data_dir, classifier_path)
     features, predictions = extract(model, images, desc="features of the samples")
+    floor, floor_images = fid_floor(model, len(images), dataset, data_dir, real_mu, real_sigma)
     groups = labels if labels is not None else predictions
     accuracy_per_class, coverage_per_class = [], []
     for c in range(len(names)):
@@ -125,6 +130,8 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
         classifier_test_accuracy=info["test_accuracy"],
         accuracy=float(np.mean(predictions == labels)) if labels is not None else None,
         fid=frechet_distance(*gaussian_fit(features), real_mu, real_sigma),
+        fid_floor=floor,
+        fid_floor_images=floor_images,
         coverage=float(np.mean(coverage_per_class)),
         samples_grouped_by="conditioning label" if labels is not None else "predicted class",
         class_names=list(names),
@@ -132,6 +139,27 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
         coverage_per_class=coverage_per_class,
         class_histogram=np.bincount(predictions, minlength=len(names)).tolist(),
     )
+
+
+def fid_floor(model, n, dataset, data_dir, real_mu, real_sigma):
+    """(FID-LeNet of the first n real training images (all of them if fewer) against the test split's Gaussian, how
+    many there were): the sampling floor of n samples' FID-LeNet. (None, 0) where the training split is absent."""
+    try:
+        images, _, _ = read_mnist(dataset, data_dir, "train")
+    except FileNotFoundError:  # a cached classifier scores with the test split alone
+        return None, 0
+    features, _ = extract(model, images[:n], desc="features of real training images (the floor)")
+    return frechet_distance(*gaussian_fit(features), real_mu, real_sigma), len(features)
+
+
+def floor_warning(title, m):
+    """Print a one-line warning (and return True) where the FID floor of `m` is more than half its FID-LeNet."""
+    if m["fid_floor"] is None or m["fid_floor"] <= m["fid"] / 2:
+        return False
+    print(f"warning: {title}: FID-LeNet {m['fid']:.3f} and its floor {m['fid_floor']:.3f} (of {m['fid_floor_images']} "
+          f"real images), more than half of it: at {m['num_samples']} images FID-LeNet is mostly sampling noise; "
+          f"draw more (sample.py --num-samples)", file=sys.stderr)
+    return True
 
 
 @torch.no_grad()
@@ -225,6 +253,7 @@ def format_table(columns):
         ["images", *(f"{m['num_samples']:,}" for _, m in columns)],
         ["accuracy", *(_percent(m["accuracy"]) for _, m in columns)],
         ["FID-LeNet", *(f"{m['fid']:.3f}" for _, m in columns)],
+        ["FID-LeNet floor", *("-" if m["fid_floor"] is None else f"{m['fid_floor']:.3f}" for _, m in columns)],
         ["coverage (mean)", *(f"{m['coverage']:.3f}" for _, m in columns)],
     ])
     per_class = files.markdown_table(
@@ -271,6 +300,8 @@ def evaluate(args):
             columns.append(("tokenizer", reference_metrics(tokenizer, args.dataset, args.data_dir, classifier,
                                                            name=os.path.abspath(args.reference_tokenizer))))
     print(format_table(columns))
+    for title, m in columns:
+        floor_warning(title, m)
     if args.samples:
         result = dict(samples=os.path.abspath(args.samples), **columns[0][1])
         if args.reference_tokenizer:

@@ -182,6 +182,7 @@ def contents(directory):
 def one_line_error(capsys, main, argv, code=2):
     """Run main(argv) in-process, expecting exit `code` with exactly one line on stderr and no traceback: "error:
     ..." for a mistake (2), "interrupted ..." for Ctrl-C (130). Returns the line."""
+    capsys.readouterr()  # what earlier calls printed (a warning of a run before this one) is not this call's
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
     err = capsys.readouterr().err

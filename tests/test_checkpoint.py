@@ -73,10 +73,11 @@ def test_the_time_scale_is_the_models_and_is_checked_on_resume(codes_dir, tmp_pa
     assert not torch.allclose(embed[1.0], embed[1000.0])
     common = ["--codes", str(codes_dir), "--out", str(tmp_path), "--model", "DiT-T/1", "--batch-size", "8",
               "--sample-every", "0", "--steps", "1"]
-    train.main(common + ["--time-scale", "1"])
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["settings"]["time_scale"] == 1.0
+    train.main(common + ["--time-scale", "1", "--no-flip"])
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["settings"]
+    assert (saved["time_scale"], saved["no_flip"]) == (1.0, True)
     capsys.readouterr()
-    line = one_line_error(capsys, train.main, common + ["--steps", "2", "--resume"])
+    line = one_line_error(capsys, train.main, common + ["--steps", "2", "--resume", "--no-flip"])
     assert "trained with --time-scale 1.0, not 1000.0" in line
 
 

@@ -154,6 +154,23 @@ def test_real_training_images_without_labels(classifier, test_split):
     assert m["coverage"] > 0.5 > constant["coverage"]
 
 
+def test_the_fid_floor_is_that_of_as_many_real_training_images(classifier, test_split):
+    """fid_floor: FID-LeNet of the first n training images against the test split, by the same classifier."""
+    images, labels = test_split
+    model, _ = lenet.load_classifier("fashion-mnist", FASHION_MNIST, classifier[0])
+    train, _ = datasets.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    test_fit = metrics.gaussian_fit(lenet.extract(model, images)[0])
+    floors = []
+    for n in (40, 3000):
+        m = evaluate.evaluate_images(images[-n:, :, :, None], labels[-n:], "fashion-mnist", FASHION_MNIST,
+                                     classifier[0])
+        floor = metrics.frechet_distance(*metrics.gaussian_fit(lenet.extract(model, train[:n])[0]), *test_fit)
+        assert m["fid_floor"] == pytest.approx(floor, rel=1e-9) and m["fid_floor_images"] == n
+        assert m["fid_floor"] > 0.5 * m["fid"]  # real test images: their FID-LeNet is about the floor
+        floors.append(m["fid_floor"])
+    assert floors[1] < floors[0] / 5  # the floor falls with n
+
+
 @pytest.mark.parametrize("images,labels,message", [
     (np.zeros((4, 32, 32, 3), np.uint8), None, r"expected MNIST-sized uint8 images .* got uint8 \(4, 32, 32, 3\)"),
     (np.zeros((4, 28, 28, 1), np.float32), None, "got float32"),
@@ -228,6 +245,25 @@ def test_cli_scores_samples_and_a_tokenizer(classifier, test_split, tmp_path, mo
     evaluate.main(["--reference-tokenizer", str(tmp_path / "tokenizer.pt"), "--dataset", "fashion-mnist",
                    "--data-dir", FASHION_MNIST, "--classifier", classifier[0]])
     assert json.loads((tmp_path / "reference-metrics.json").read_text())["fid"] == metrics["reference"]["fid"]
+
+
+def test_cli_warns_where_the_floor_is_more_than_half_the_fid(classifier, test_split, tmp_path, capsys):
+    """30 real test images score about their floor: the table shows it, metrics.json records it, one line on stderr
+    warns; 2,000 constant images score far above it: no warning."""
+    images, labels = test_split
+    npz = _write_samples(tmp_path / "samples.npz", images[:30, :, :, None], labels[:30])
+    argv = ["--samples", npz, "--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--classifier", classifier[0]]
+    evaluate.main(argv)
+    out, err = capsys.readouterr()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["fid_floor_images"] == 30 and 0.5 * saved["fid"] < saved["fid_floor"]
+    assert f"| FID-LeNet floor | {saved['fid_floor']:.3f} |" in out
+    lines = [line for line in err.splitlines() if line.startswith("warning: samples:")]
+    assert len(lines) == 1 and "at 30 images FID-LeNet is mostly sampling noise" in lines[0]
+    _write_samples(tmp_path / "samples.npz", np.zeros((2000, 28, 28, 1), np.uint8))
+    evaluate.main(argv)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["fid_floor"] < 0.5 * saved["fid"] and "warning" not in capsys.readouterr().err
 
 
 def test_cli_scores_unconditional_samples_into_out(classifier, test_split, tmp_path, capsys):

@@ -107,12 +107,15 @@ def test_classes_draws_those_classes_in_turn_and_records_them(flow_ckpts, tmp_pa
         assert not (tmp_path / "x" / "samples.npz").exists()
 
 
-def test_precision_bf16_runs_on_cpu_and_is_recorded(flow_ckpts, tmp_path):
+def test_precision_bf16_runs_on_cpu_and_is_recorded(flow_ckpts, tmp_path, monkeypatch):
     """--precision bf16 runs the network under bf16 autocast, on a CPU too (test_vfm.py checks that only the
     network does); auto is fp32 on CPU."""
     base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "5", "--steps", "3", "--cfg-scale", "2"]
+    generate, used = sample.generate, []
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: used.append(k.get("precision", "fp32")) or generate(*a, **k))
     for precision in ("bf16", "auto"):
         sample.main(base + ["--precision", precision, "--out", str(tmp_path / precision)])
+    assert used[:2] == ["bf16", "fp32"]  # what the network ran at
     flow = checkpoint.Flow(str(flow_ckpts["purrception"]))
     labels = sample.sample_labels(5, 10)
     npz = {precision: load(tmp_path / precision) for precision in ("bf16", "auto")}
@@ -121,7 +124,6 @@ def test_precision_bf16_runs_on_cpu_and_is_recorded(flow_ckpts, tmp_path):
                                                                 cfg_scale=2.0, precision="bf16"))
     assert np.array_equal(npz["auto"]["arr_0"], sample.generate(flow, labels, sample.batch_seed(0, 0), steps=3,
                                                                 cfg_scale=2.0))
-    assert not np.array_equal(npz["bf16"]["arr_0"], npz["auto"]["arr_0"])  # bf16 logits: a few other codes
 
 
 def test_grid_is_a_compact_picture_of_the_samples_drawn():
@@ -266,7 +268,8 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_one_clear_line(flow_
 
 
 def test_cfg_interval_guides_only_inside_and_counts_the_passes(flow_ckpts, tmp_path):
-    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "20", "--steps", "4", "--cfg-scale", "2"]
+    # a strong scale: the session's 40-step model barely tells classes apart, and guidance must move its codes
+    base = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "20", "--steps", "4", "--cfg-scale", "50"]
     runs = {"plain": [], "everywhere": ["--cfg-interval", "0:1"], "window": ["--cfg-interval", "0.25:0.5"],
             "unguided": ["--cfg-scale", "1"]}
     out = {}

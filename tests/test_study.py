@@ -536,7 +536,7 @@ def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier,
     for module in (convergence, temperature, solvers):
         monkeypatch.setattr(module, "draw", lambda *a, **k: pytest.fail("sampled before checking the input"))
     monkeypatch.setattr(common.train, "train", lambda *a, **k: pytest.fail("trained before checking the input"))
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier first"))
+    monkeypatch.setattr(lenet, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier first"))
     names = dict(codes=codes_dir, bad=bad, tokenizer=tokenizer_run / "tokenizer.pt", classifier=classifier,
                  **flow_ckpts)
     out, bad_before = tmp_path / "out", contents(bad)

@@ -143,6 +143,49 @@ def test_the_toy_preset_is_the_defaults(tmp_path):
     assert (args.iters, args.toy, args.steps) == (7, "pairs", 100)
 
 
+def test_the_floor_is_the_tv_of_exact_draws(tmp_path):
+    """tv_floor: the mean TV of 5 sets of n exact draws from p(c), drawn in turn from a generator of seed 0,
+    recomputed here from the draws' counts; metrics.json and table.md carry it beside each TV."""
+    for name, n in (("checkerboard", 50), ("pairs", 300)):
+        toy, g = make_toy(name), torch.Generator().manual_seed(0)
+        p = dict(zip(map(tuple, toy.configs.tolist()), toy.probs.tolist()))
+        exact = []
+        for _ in range(5):
+            drawn = toy.configs[torch.multinomial(toy.probs.float(), n, replacement=True, generator=g)].tolist()
+            counts = {c: drawn.count(list(c)) for c in p}  # every drawn tuple lies in the support
+            exact.append(0.5 * sum(abs(counts[c] / n - p[c]) for c in p))
+        assert run.tv_floor(toy, n) == pytest.approx(sum(exact) / 5, abs=1e-12), name
+    metrics = run.main(["--method", "cfm", "--iters", "2", "--num-samples", "50", "--steps", "1",
+                        "--out", str(tmp_path / "one")])
+    assert metrics["tv_floor"] == round(run.tv_floor(make_toy("checkerboard"), 50), 4) > 0.2
+    run.main(["--iters", "2", "--num-samples", "300", "--steps", "1", "--no-figures", "--toy", "pairs",
+              "--out", str(tmp_path)])
+    floor = round(run.tv_floor(make_toy("pairs"), 300), 4)
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].split("|")[-2].strip() == "floor"
+    assert [row.split("|")[-2].strip() for row in table[2:]] == [f"{floor:.3f}"] * 5
+    assert all(json.loads(f.read_text())["tv_floor"] == floor for f in tmp_path.glob("metrics-*.json"))
+
+
+def test_a_floor_above_half_the_tv_is_a_warning(tmp_path, capsys):
+    """Purrception, 300 iterations: at --num-samples 50 its TV is mostly the floor (one line on stderr, naming
+    --num-samples, and the run ends as usual); at the default 20,000 it is not. Then the rule on the README's table
+    of the default run."""
+    argv = ["--method", "purrception", "--iters", "300", "--steps", "20", "--no-figures"]
+    metrics = run.main(argv + ["--num-samples", "50", "--out", str(tmp_path / "50")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: at --num-samples 50 the TV of 50 exact draws from p(c)")
+    assert "raise --num-samples" in err[0] and metrics["tv_floor"] > metrics["tv"] / 2
+    metrics = run.main(argv + ["--out", str(tmp_path / "default")])
+    assert metrics["num_samples"] == 20000 and capsys.readouterr().err == ""
+    floor = run.tv_floor(make_toy("checkerboard"), 20000)  # the README's default table (oracle, Purrception,
+    readme = dict(oracle=0.018, purrception=0.034, cfm=0.492, **{"cfm-endpoint": 0.534}, dfm=0.020)  # ..., DFM)
+    rows = [dict(method=m, tv=tv, tv_floor=floor, num_samples=20000) for m, tv in readme.items()]
+    assert not run.floor_warning(rows) and capsys.readouterr().err == ""
+    assert run.floor_warning([dict(r, tv=r["tv"] / 10) for r in rows])  # ten times better: at the floor
+    assert capsys.readouterr().err.startswith("warning: at --num-samples 20000")
+
+
 # ---- bad input: one line on stderr, exit status 2, files left as they were ---------------------------------
 
 TINY = ["--iters", 2, "--num-samples", 10, "--steps", 1]

@@ -9,7 +9,8 @@ Purrception and its baselines on 2D toy codebooks, in seconds on a laptop CPU.
 Every method trains the same small MLP (it reads all N tokens of z_t, so a token's posterior can depend on the
 others) with the same budget, then draws 20,000 samples with 100 Euler steps; the score is the total-variation
 distance between the histogram of generated codes and the true p(c). These defaults are the preset
-configs/toy.json (--config toy).
+configs/toy.json (--config toy). Beside each TV its floor, the TV of as many exact draws from p(c): where it
+is more than half the methods' (median) TV, a warning on stderr says that --num-samples is too small.
 
 Outputs in --out: metrics.json for one --method; otherwise metrics-METHOD.json for each method, table.md and
 samples.png, posterior.png, temperature.png (toy/figures.py draws them); with --animate also flow.gif. They
@@ -21,6 +22,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -151,6 +153,25 @@ def posterior_by_t(toy, codebook, model, ts, n=2000, seed=0):
     return rows
 
 
+def tv_floor(toy, n, draws=5, seed=0):
+    """The sampling floor of n samples' TV: the mean TV of `draws` sets of n exact draws from p(c), one generator."""
+    g = torch.Generator().manual_seed(seed)
+    return sum(toy.tv(toy.sample(n, g)) for _ in range(draws)) / draws
+
+
+def floor_warning(metrics):
+    """Print a one-line warning (and return True) where the TV floor is more than half the median TV of run_method's
+    `metrics`, the oracle aside (its TV is the floor by construction)."""
+    scored = [m for m in metrics if m["method"] != "oracle"]
+    median = statistics.median(m["tv"] for m in scored) if scored else math.inf
+    n, floor = metrics[0]["num_samples"], metrics[0]["tv_floor"]
+    if floor > median / 2:
+        what = f"{scored[0]['method']}'s" if len(scored) == 1 else "the methods' median"
+        print(f"warning: at --num-samples {n} the TV of {n} exact draws from p(c) is {floor:.3f}, more than half "
+              f"{what} TV ({median:.3f}): the scores are mostly sampling noise; raise --num-samples", file=sys.stderr)
+    return floor > median / 2
+
+
 def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print, codebook_scale="raw"):
     """Train one method (the oracle needs no training) and score its samples. Returns (metrics, model, objective,
     the samples scored)."""
@@ -163,9 +184,9 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
         model = train(toy, objective, iters, seed,
                       progress=lambda s, l: log(f"  {method:<13} step {s:>5}/{iters}  loss {l:.4f}"))
     codes = sample(toy, objective, model, num_samples, seed, steps=steps)
-    metrics = dict(method=method, toy=toy.name, codebook_scale=codebook_scale, iters=iters,
-                   tv=round(toy.tv(codes), 4), seconds=round(time.time() - start, 2), num_samples=num_samples,
-                   steps=steps, seed=seed)
+    metrics = dict(method=method, toy=toy.name, codebook_scale=codebook_scale, iters=iters, tv=round(toy.tv(codes), 4),
+                   seconds=round(time.time() - start, 2), num_samples=num_samples, steps=steps, seed=seed)
+    metrics["tv_floor"] = round(tv_floor(toy, num_samples), 4)  # not the method's time: after `seconds`
     if method == "purrception":
         kl = posterior_by_t(toy, objective.codebook, model, [0.1, 0.3, 0.5, 0.7, 0.9])
         metrics["kl_by_t"] = {f"{r['t']:.1f}": round(r["kl"], 4) for r in kl}
@@ -270,9 +291,9 @@ def experiment(args):
             results[method] = run_method(toy, method, args.iters, args.seed, args.num_samples, args.steps,
                                          log=lambda *a: None, codebook_scale=args.codebook_scale)
             print(f"  {method:<13} done in {results[method][0]['seconds']:.1f} s")
-        table = files.markdown_table(["method", "iterations", "seconds", "TV"],
-                                     [[m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}"]
-                                      for m, _, _, _ in results.values()])
+        table = files.markdown_table(["method", "iterations", "seconds", "TV", "floor"], [
+            [m["method"], m["iters"], f"{m['seconds']:.1f}", f"{m['tv']:.3f}", f"{m['tv_floor']:.3f}"]
+            for m, _, _, _ in results.values()])
         writers.update({f"metrics-{method}.json": lambda path, m=m: files.write_json(path, m)
                         for method, (m, _, _, _) in results.items()})
         writers["table.md"] = lambda path: files.write_text(path, table)
@@ -281,6 +302,7 @@ def experiment(args):
     if args.animate:
         writers["flow.gif"] = animation(toy, results, args.seed, args.steps)
     files.write_together({os.path.join(args.out, name): write for name, write in writers.items()})
+    floor_warning([m for m, _, _, _ in results.values()])
 
     if args.method:
         print(json.dumps(metrics))
