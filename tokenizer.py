@@ -34,16 +34,8 @@ from tqdm import tqdm
 
 import vq
 from support import codesets, config, datasets, distributed, files, images, tokenizers
-from support.cli import (
-    ArgumentParser,
-    UserError,
-    check_positive,
-    check_seed,
-    make_dir,
-    refuse_overwrite,
-    run_command,
-    user_errors,
-)
+from support.cli import (ArgumentParser, UserError, check_positive, check_seed, make_dir, refuse_overwrite, run_command,
+                         user_errors)
 from support.schedule import learning_rate
 
 DATASETS = ("mnist", "fashion-mnist")

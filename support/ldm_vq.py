@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support import files
-from support.llamagen import AttnBlock, Downsample, ResBlock, Upsample, group_norm
+from support.llamagen import AttnBlock, Downsample, ResBlock, Upsample, check_layout, group_norm
 
 LDM_CONFIGS = {
     "ldm-vq8": dict(ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(32,), resolution=256,
@@ -251,23 +251,9 @@ def state_dict_shapes(name):
         return {k: tuple(v.shape) for k, v in LdmVQ(**LDM_CONFIGS[name]).state_dict().items()}
 
 
-def _first_few(keys, n=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def check_state_dict(name, found, where):
     """ValueError, naming `where`, unless `found` ({key: shape}) is the state dict of tokenizer `name`."""
-    wanted = state_dict_shapes(name)
-    if found == wanted:
-        return
-    missing, unexpected = wanted.keys() - found.keys(), found.keys() - wanted.keys()
-    if missing:
-        raise ValueError(f"{where}: not an {name} checkpoint: missing keys {_first_few(missing)}")
-    if unexpected:
-        raise ValueError(f"{where}: not an {name} checkpoint: unexpected keys {_first_few(unexpected)}")
-    key = next(k for k in wanted if wanted[k] != found[k])
-    raise ValueError(f"{where}: {key} has shape {found[key]}, but {name} expects {wanted[key]}")
+    check_layout(state_dict_shapes(name), found, name, where, article="an")
 
 
 class NamedOnly:

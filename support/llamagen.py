@@ -315,6 +315,19 @@ def _first_few(keys, n=3):
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def check_layout(wanted, found, name, where, article="a"):
+    """ValueError, naming `where`, unless `found` equals `wanted` ({key: shape}, the state dict of tokenizer
+    `name`): the first missing keys, else the first unexpected ones, else the first tensor of another shape."""
+    missing, unexpected = wanted.keys() - found.keys(), found.keys() - wanted.keys()
+    if missing:
+        raise ValueError(f"{where}: not {article} {name} checkpoint: missing keys {_first_few(missing)}")
+    if unexpected:
+        raise ValueError(f"{where}: not {article} {name} checkpoint: unexpected keys {_first_few(unexpected)}")
+    key = next((k for k in wanted if wanted[k] != found[k]), None)
+    if key is not None:
+        raise ValueError(f"{where}: {key} has shape {found[key]}, but {name} expects {wanted[key]}")
+
+
 def check_state_dict(name, found, where):
     """ValueError, naming `where`, unless `found` ({key: shape}) is the state dict of tokenizer `name`."""
     wanted = state_dict_shapes(name)
@@ -323,13 +336,7 @@ def check_state_dict(name, found, where):
     for other in LLAMAGEN_CONFIGS:
         if other != name and found == state_dict_shapes(other):
             raise ValueError(f"{where}: this is a {other} checkpoint, not {name}")
-    missing, unexpected = wanted.keys() - found.keys(), found.keys() - wanted.keys()
-    if missing:
-        raise ValueError(f"{where}: not a {name} checkpoint: missing keys {_first_few(missing)}")
-    if unexpected:
-        raise ValueError(f"{where}: not a {name} checkpoint: unexpected keys {_first_few(unexpected)}")
-    key = next(k for k in wanted if wanted[k] != found[k])
-    raise ValueError(f"{where}: {key} has shape {found[key]}, but {name} expects {wanted[key]}")
+    check_layout(wanted, found, name, where)
 
 
 def load_llamagen(name, ckpt_path, device="cpu"):

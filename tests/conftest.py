@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import sample  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
-from support import datasets, files  # noqa: E402
+from support import datasets, files, lenet  # noqa: E402
 
 
 # ---- which tests need the Fashion-MNIST files ----------------------------------------------------------------
@@ -110,6 +110,14 @@ def encode(tokenizer_path, out, limit):
 def codes_dir(tokenizer_run, tmp_path_factory):
     """The code set of those 512 images."""
     return encode(tokenizer_run / "tokenizer.pt", tmp_path_factory.mktemp("codes") / "codes", 512)
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """A small classifier file for evaluate.py (512 images, 1 epoch): the scores mean nothing, the code runs."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(path), limit=512, epochs=1)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from conftest import FASHION_MNIST, one_line_error, run_cli
 from experiments import curve
 from support import checkpoint, inception
 from test_fid import random_weights
-from test_study import classifier  # noqa: F401 (a fixture: a small classifier file for evaluate.py)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KEPT = ["step-0000020.pt", "step-0000040.pt", "step-0000041.pt"]  # every 20 steps, and the last

@@ -50,14 +50,6 @@ def outputs(out, name, figures=()):
     return read_table(out / f"{name}.md"), record
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    """A small classifier file for evaluate.py (512 images, 1 epoch): the scores mean nothing, the code runs."""
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    lenet.load_classifier("fashion-mnist", FASHION_MNIST, str(path), limit=512, epochs=1)
-    return path
-
-
 def scoring(classifier):
     return ["--data-dir", FASHION_MNIST, "--classifier", str(classifier)]
 

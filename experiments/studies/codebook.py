@@ -10,26 +10,10 @@ tokenizer's own reconstructions: the ceiling of its codes.
 
 import os
 
-from experiments.studies.common import (
-    clock,
-    log_ticks,
-    log_y,
-    metric_panels,
-    need,
-    need_scoring,
-    pyplot,
-    refuse_to_replace,
-    write_outputs,
-)
-from experiments.studies.convergence import (
-    IMAGE_BUDGETS,
-    OBJECTIVE_COLORS,
-    parse_objectives,
-    reconstruction_reference,
-    run_settings,
-    score_checkpoint,
-    train_run,
-)
+from experiments.studies.common import (clock, log_ticks, log_y, metric_panels, need, need_scoring, pyplot,
+                                        refuse_to_replace, write_outputs)
+from experiments.studies.convergence import (IMAGE_BUDGETS, OBJECTIVE_COLORS, parse_objectives,
+                                             reconstruction_reference, run_settings, score_checkpoint, train_run)
 from support import files
 from support.cli import UserError, user_errors
 from support.codesets import CodeSet

@@ -16,22 +16,8 @@ import torch
 
 import baselines
 import train
-from experiments.studies.common import (
-    clock,
-    draw,
-    figure_metrics_vs,
-    load_flow,
-    log_ticks,
-    log_y,
-    mean_spread,
-    need,
-    need_scoring,
-    pyplot,
-    refuse_to_replace,
-    score,
-    train_settings,
-    write_outputs,
-)
+from experiments.studies.common import (clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
+                                        need_scoring, pyplot, refuse_to_replace, score, train_settings, write_outputs)
 from support import config, files, images, lenet, tokenizers
 from support.cli import UserError, user_errors
 from support.codesets import CodeSet

@@ -19,23 +19,9 @@ import baselines
 import sample
 import train
 import vfm
-from experiments.studies.common import (
-    SAMPLE_BATCH,
-    clock,
-    draw,
-    figure_tv_vs_nfe,
-    load_flow,
-    log_ticks,
-    log_y,
-    metric_panels,
-    need,
-    need_scoring,
-    pyplot,
-    refuse_to_replace,
-    score,
-    train_settings,
-    write_outputs,
-)
+from experiments.studies.common import (SAMPLE_BATCH, clock, draw, figure_tv_vs_nfe, load_flow, log_ticks, log_y,
+                                        metric_panels, need, need_scoring, pyplot, refuse_to_replace, score,
+                                        train_settings, write_outputs)
 from experiments.studies.solvers import steps_for_nfe
 from support import config, files
 from support.cli import UserError, user_errors

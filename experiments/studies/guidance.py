@@ -8,17 +8,8 @@ import os
 
 import baselines
 import vfm
-from experiments.studies.common import (
-    clock,
-    draw,
-    load_flow,
-    need,
-    need_scoring,
-    pyplot,
-    refuse_to_replace,
-    score,
-    write_outputs,
-)
+from experiments.studies.common import (clock, draw, load_flow, need, need_scoring, pyplot, refuse_to_replace, score,
+                                        write_outputs)
 from support import files
 from support.cli import UserError
 

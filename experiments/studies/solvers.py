@@ -13,19 +13,8 @@ import torch
 
 import baselines
 import vfm
-from experiments.studies.common import (
-    SAMPLE_BATCH,
-    clock,
-    draw,
-    figure_metrics_vs,
-    figure_tv_vs_nfe,
-    load_flow,
-    need,
-    need_scoring,
-    refuse_to_replace,
-    score,
-    write_outputs,
-)
+from experiments.studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, figure_tv_vs_nfe, load_flow, need,
+                                        need_scoring, refuse_to_replace, score, write_outputs)
 from support import files
 from support.cli import UserError
 from toy import run as toy_run

@@ -11,19 +11,8 @@ import os
 import numpy as np
 
 import vfm
-from experiments.studies.common import (
-    clock,
-    draw,
-    load_flow,
-    log_y,
-    metric_panels,
-    need,
-    need_scoring,
-    pyplot,
-    refuse_to_replace,
-    score,
-    write_outputs,
-)
+from experiments.studies.common import (clock, draw, load_flow, log_y, metric_panels, need, need_scoring, pyplot,
+                                        refuse_to_replace, score, write_outputs)
 from support import files, images
 
 # What each budget runs.
