@@ -22,7 +22,6 @@ What is different from DiT's own models.py
 * Labels y are in [0, num_classes], and the index num_classes is the null class ("no label") that
   classifier-free guidance uses. The model never drops labels itself; the training objective does.
 * Attention runs through torch.nn.functional.scaled_dot_product_attention (fused kernels where available).
-* flops_per_forward() gives the analytic FLOP count of one forward pass, for throughput and MFU (experiments/bench.py).
 """
 
 import functools
@@ -271,27 +270,6 @@ class DiT(nn.Module):
     def num_params(self):
         """Number of parameters (the positional embedding is a fixed buffer, not counted)."""
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_forward(self):
-        """Analytic FLOPs of one forward pass for ONE sample, counting a multiply-add as 2 FLOPs.
-
-        Counts every matrix product: the patch embedding, the time MLP, per block the adaLN modulation (once per
-        sample, not per token), qkv, attention scores and weighted sum, output projection and MLP, and the final
-        layer including its output head D -> p * p * out_dim (large when out_dim is K codes). Element-wise work
-        (norms, softmax, activations) and lookups are left out. A training step costs about 3x this.
-        """
-        T, D, p = self.num_tokens, self.hidden_size, self.patch_size
-        mlp_hidden = int(D * self.mlp_ratio)
-        patch_embed = T * (p * p * self.in_dim) * D
-        time_mlp = FREQUENCY_DIM * D + D * D
-        block = (6 * D * D  # adaLN modulation, per sample
-                 + T * 3 * D * D  # qkv
-                 + 2 * T * T * D  # scores q k^T and weighted sum of v
-                 + T * D * D  # output projection
-                 + T * 2 * D * mlp_hidden)  # MLP
-        final = 2 * D * D + T * D * (p * p * self.out_dim)  # adaLN modulation and output head
-        multiply_adds = patch_embed + time_mlp + self.depth * block + final
-        return 2 * multiply_adds
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ size 2) with codes of dimension --in-dim. The network outputs K = --codebook-siz
 steps are run first (torch.compile compiles during them), then --steps steps are timed, with the device
 synchronised before each clock read. A configuration that does not fit in the device's memory is an OOM row.
 
-FLOPs are the model's analytic count (DiT.flops_per_forward: every matrix product, a multiply-add counted as
+FLOPs are the model's analytic count (flops_per_forward below: every matrix product, a multiply-add counted as
 2 FLOPs, the output head over the K codes included) times 3 for a training step (forward, and a backward that
 costs twice the forward). The loss, the optimizer and element-wise work are not counted.
 MFU = achieved FLOP/s / the device's dense peak: bf16 for --dtype bf16, TF32 for --dtype fp32 (TF32 matmuls are
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import baselines
 import train
-from dit import DiT_models, build_dit
+from dit import FREQUENCY_DIM, DiT_models, build_dit
 from support import distributed, files
 from support.cli import ArgumentParser, UserError, check_non_negative, check_positive, check_seed, make_dir, run_command
 
@@ -46,6 +46,32 @@ PEAK_TFLOPS = [
 COLUMNS = ["model", "params (M)", "dtype", "compile", "batch", "steps/s", "images/s", "GFLOP/image/step",
            "TFLOP/s", "MFU", "peak mem (GiB)"]
 NEW_FILE_HEADER = "# Benchmarks\n\nTraining throughput measured by `bench.py`; its docstring says what is measured.\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs of the DiT
+# ----------------------------------------------------------------------------------------------------------
+
+def flops_per_forward(model):
+    """Analytic FLOPs of one forward pass of a DiT (dit.py) for ONE sample, a multiply-add counted as 2 FLOPs.
+
+    Counts every matrix product: the patch embedding, the time MLP, per block the adaLN modulation (once per
+    sample, not per token), qkv, attention scores and weighted sum, output projection and MLP, and the final
+    layer including its output head D -> p * p * out_dim (large when out_dim is K codes). Element-wise work
+    (norms, softmax, activations) and lookups are left out. A training step costs about 3x this.
+    """
+    T, D, p = model.num_tokens, model.hidden_size, model.patch_size
+    mlp_hidden = int(D * model.mlp_ratio)
+    patch_embed = T * (p * p * model.in_dim) * D
+    time_mlp = FREQUENCY_DIM * D + D * D
+    block = (6 * D * D  # adaLN modulation, per sample
+             + T * 3 * D * D  # qkv
+             + 2 * T * T * D  # scores q k^T and weighted sum of v
+             + T * D * D  # output projection
+             + T * 2 * D * mlp_hidden)  # MLP
+    final = 2 * D * D + T * D * (p * p * model.out_dim)  # adaLN modulation and output head
+    multiply_adds = patch_embed + time_mlp + model.depth * block + final
+    return 2 * multiply_adds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +264,7 @@ def bench(args, command):
                                   num_classes=args.num_classes)
         except ValueError as e:
             raise UserError(f"{name}: {e}") from None
-        sizes[name] = (3 * model.flops_per_forward(), model.num_params())
+        sizes[name] = (3 * flops_per_forward(model), model.num_params())
 
     compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     print(f"device: {describe_device(device)}, torch {torch.__version__}")

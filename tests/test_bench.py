@@ -3,8 +3,11 @@
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import fill_the_disk
+from dit import DiT, build_dit
 from experiments import bench
 
 TINY = ["--models", "DiT-T/2", "--batch-size", "2", "--grid", "4", "--codebook-size", "16", "--num-classes", "3",
@@ -53,7 +56,7 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
 def test_flops_column_is_three_forwards(tmp_path):
     rows = bench.main(TINY + ["--dtype", "fp32", "--peak-tflops", "1"])
     model = bench.build_dit("DiT-T/2", grid_size=4, in_dim=8, out_dim=16, num_classes=3)
-    assert float(rows[0]["GFLOP/image/step"]) == pytest.approx(3 * model.flops_per_forward() / 1e9, rel=1e-3)
+    assert float(rows[0]["GFLOP/image/step"]) == pytest.approx(3 * bench.flops_per_forward(model) / 1e9, rel=1e-3)
     assert rows[0]["MFU"].endswith("%")
 
 
@@ -165,3 +168,33 @@ def test_times_train_py_s_own_training_step(monkeypatch):
     monkeypatch.setattr(train, "train_step", counted)
     bench.main(TINY + ["--dtype", "fp32", "--steps", "3", "--warmup", "2"])
     assert len(calls) == 5 and all(calls)
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------------------
+
+def test_flops_dit_xl_2_matches_paper():
+    """The DiT paper's 118.6 "Gflops" for XL/2 at 256 tokens are multiply-adds: about 237 GFLOP."""
+    with torch.device("meta"):
+        model = build_dit("DiT-XL/2", grid_size=32, in_dim=8, out_dim=8, num_classes=1000)
+    assert bench.flops_per_forward(model) == pytest.approx(237e9, rel=0.02)
+
+
+def test_flops_include_the_output_head():
+    with torch.device("meta"):
+        small = build_dit("DiT-XL/2", grid_size=32, in_dim=8, out_dim=8, num_classes=1000)
+        large = build_dit("DiT-XL/2", grid_size=32, in_dim=8, out_dim=16384, num_classes=1000)
+    # output head: 256 tokens x 1152 x (4 x K) multiply-adds, 2 FLOPs each
+    assert bench.flops_per_forward(large) - bench.flops_per_forward(small) == 2 * 256 * 1152 * 4 * (16384 - 8)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_flops_match_flop_counter(patch_size):
+    """torch's FlopCounterMode counts every matrix product; with the math attention kernel it sees the attention
+    products as bmm (the fused CPU kernel is not counted), and then it agrees with the analytic count exactly."""
+    model = DiT(grid_size=8, in_dim=4, out_dim=16, num_classes=10, patch_size=patch_size, hidden_size=32, depth=2,
+                num_heads=4)
+    B = 3
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.randn(B, 8, 8, 4), torch.rand(B), torch.randint(0, 11, (B,)))
+    assert counter.get_total_flops() / B == pytest.approx(bench.flops_per_forward(model), rel=0.01)
