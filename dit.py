@@ -35,9 +35,7 @@ TIME_SCALE = 1000  # t in [0, 1] is embedded as DiT's timestep 1000 * t (the aut
 FREQUENCY_DIM = 256  # sinusoidal features of the time before the time MLP
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Patches and positions
-# ----------------------------------------------------------------------------------------------------------
+# ---- Patches and positions -------------------------------------------------------------------------------
 
 def patchify(x, patch_size):
     """(B, H, W, C) -> (B, T, p * p * C), T = (H / p) * (W / p); patches in row-major order."""
@@ -74,9 +72,7 @@ def sincos_2d(dim, grid_size):
     return emb.float()  # (T, dim)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Embedders for time and class labels
-# ----------------------------------------------------------------------------------------------------------
+# ---- Embedders for time and class labels -----------------------------------------------------------------
 
 def timestep_features(t, dim, max_period=10000):
     """(B,) times -> (B, dim) sinusoidal features [cos(t * f_i), sin(t * f_i)], f_i = max_period^(-i / (dim/2))."""
@@ -110,9 +106,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding(y)  # (B, D)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Transformer block with adaLN-Zero conditioning
-# ----------------------------------------------------------------------------------------------------------
+# ---- Transformer block with adaLN-Zero conditioning ------------------------------------------------------
 
 def modulate(x, shift, scale):
     """Adaptive LayerNorm: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the T tokens."""
@@ -171,9 +165,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Final layer
-# ----------------------------------------------------------------------------------------------------------
+# ---- Final layer -----------------------------------------------------------------------------------------
 
 class FinalLayer(nn.Module):
     """adaLN (shift and scale from c), then a Linear from D to the p * p * out_dim outputs of each patch."""
@@ -189,9 +181,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*out_dim)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------------------
+# ---- The model -------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
     """Diffusion Transformer over a square grid of codes.
@@ -272,9 +262,7 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Presets: DiT paper sizes (Table 1), plus T, a tiny size for 28 x 28 images on a laptop CPU
-# ----------------------------------------------------------------------------------------------------------
+# ---- Presets: DiT paper sizes (Table 1), plus T, a tiny size for 28 x 28 images on a laptop CPU ----------
 
 SIZES = {  # name: (depth, hidden_size, num_heads)
     "XL": (28, 1152, 16),

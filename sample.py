@@ -8,17 +8,11 @@ Sample images from a trained flow: a PNG grid (a row per class) and an .npz for 
 
 OUT/samples.npz holds `arr_0`, uint8 N x H x W x C (the layout the standard FID evaluators read), `labels`
 (the class each sample was conditioned on) and `settings` (every sampling setting, as JSON, also written to
-OUT/settings.json; its `nfe` counts network passes, two for a guided evaluation). The EMA weights are used
-unless --no-ema. `--cfg-interval LO:HI` guides only the network evaluations with LO <= t <= HI, one
-conditional pass elsewhere. `--couplings` also writes OUT/couplings, a code set of the grids drawn with the
-noise z0 each started from: the fixed pairs a reflow student trains on (`python train.py --codes
-OUT/couplings --init CKPT`, then sampled with `--steps 1`). Sample i depends only on --seed and i, not on
-the number of processes (batch b is seeded with batch_seed(seed, b)): under torchrun each rank draws its
-share of the batches and rank 0 writes exactly N. `--classes 1,5,207` draws those classes only (labels cycle
-through the list); grid.png shows up to 8 rows of them, each row one class (or several, when a class has few
-samples), at most 10 images wide. `--precision auto` runs the network under bf16 autocast on GPUs (fp32 on CPU);
-the posterior mean and the solver stay float32. `--dfm-sampler redraw` samples a DFM model with the authors'
-sampler (baselines.DFM).
+OUT/settings.json; its `nfe` counts network passes, two for a guided evaluation). Sample i depends only on
+--seed and i, not on the number of processes (batch b is seeded with batch_seed(seed, b)): under torchrun each
+rank draws its share of the batches and rank 0 writes exactly N. grid.png shows up to 8 rows, each one class
+(or several, when a class has few samples), at most 10 images wide. `--couplings` also writes OUT/couplings,
+the grids drawn with the noise z0 each started from: the fixed pairs a reflow student trains on (train.py).
 """
 
 import dataclasses
@@ -30,7 +24,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import baselines
 import vfm
@@ -43,9 +36,7 @@ from support.config import flag
 BATCH_SIZE = 250  # sample.py's default batch: sample i is drawn from the noise of batch i // 250
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Drawing samples: the one way every script and study draws them
-# ----------------------------------------------------------------------------------------------------------
+# ---- Drawing samples: the one way every script and study draws them --------------------------------------
 
 def batch_seed(seed, b):
     """The seed of batch b's generator: sample i depends only on the seed and i, never on how many processes
@@ -74,22 +65,6 @@ def parse_classes(spec):
     return classes
 
 
-def autocast(model, precision, device):
-    """(precision, model): the network run under autocast at `precision` (auto: bf16 on GPUs that have it, fp16
-    on older ones, fp32 on CPU; see support/distributed.py), resolved; only the network, so that the posterior
-    mean, the guidance arithmetic and the solver's state stay float32."""
-    device = torch.device(device)
-    precision, _ = distributed.autocast_context(precision, device)
-    if precision == "fp32":
-        return precision, model
-
-    def run(x, t, y):
-        with distributed.autocast_context(precision, device)[1]:
-            return model(x, t, y)
-
-    return precision, run
-
-
 @torch.no_grad()
 def generate(flow, labels, seed, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0, cfg_interval=(0.0, 1.0),
              couplings=False, precision="fp32", dfm_sampler="reveal"):
@@ -101,7 +76,7 @@ def generate(flow, labels, seed, steps=100, solver="euler", temperature=1.0, cfg
     y = torch.as_tensor(labels, device=flow.device) if flow.num_classes else None
     shape = (len(labels), *flow.grid)
     z0 = flow.objective.noise(shape, g) if couplings else None  # what sample() would draw first
-    _, model = autocast(flow.model, precision, flow.device)
+    _, model = distributed.autocast_model(flow.model, precision, flow.device)
     kw = dict(sampler=dfm_sampler) if flow.name == "dfm" else {}
     codes = flow.objective.sample(model, shape, y=y, steps=steps, solver=solver, temperature=temperature,
                                   cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=g, z0=z0, **kw)
@@ -123,9 +98,7 @@ def draw(flow, n, seed=0, batch_size=BATCH_SIZE, classes=None, **settings):
     return np.concatenate(parts), labels
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------------
+# ---- The command -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Settings:
@@ -206,7 +179,7 @@ def _sample(args, rank, world, device):
         print(f"--cfg-scale {args.cfg_scale} is ignored: {args.ckpt} was trained without labels, so there is "
               f"nothing to guide towards", file=sys.stderr)
     labels = sample_labels(args.num_samples, flow.num_classes, classes)
-    precision, _ = autocast(None, args.precision, device)
+    precision, _ = distributed.autocast_context(args.precision, device)
     times = [t for t, _ in baselines.DFM.schedule(args.steps, args.dfm_sampler)] if flow.name == "dfm" else None
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=flow.step, weights="model" if args.no_ema else "ema",
                     objective=flow.name, model=flow.settings["model"], codebook_scale=flow.objective.codebook_scale,
@@ -220,39 +193,35 @@ def _sample(args, rank, world, device):
                                                guidable=flow.num_classes > 0, times=times))
 
     # Every rank draws batches b = rank, rank + world, ... into OUT/.parts; rank 0 then packs them in order.
-    parts = os.path.join(args.out, ".parts")
-    if rank == 0:
-        os.makedirs(parts, exist_ok=True)
-        if args.couplings:  # replaced (--force): the old set goes now, so a run that fails leaves none, not a stale one
-            shutil.rmtree(os.path.join(args.out, "couplings"), ignore_errors=True)
-    distributed.barrier(world)
-    num_batches = (args.num_samples + args.batch_size - 1) // args.batch_size
+    if rank == 0 and args.couplings:  # replaced (--force): the old set goes now, so a failed run leaves none, not a stale one
+        shutil.rmtree(os.path.join(args.out, "couplings"), ignore_errors=True)
+    kw = dict(steps=args.steps, solver=args.solver, temperature=args.temperature, cfg_scale=args.cfg_scale,
+              cfg_interval=args.cfg_interval, precision=precision, dfm_sampler=args.dfm_sampler)
+
+    def batch(b):
+        if not args.couplings:
+            return dict(images=generate_batch(flow, labels, args.seed, b, args.batch_size, **kw))
+        pictures, codes, noise = generate_batch(flow, labels, args.seed, b, args.batch_size, couplings=True, **kw)
+        return dict(images=pictures, codes=codes.cpu().numpy(), noise=noise.cpu().numpy())
+
     start = time.time()
     try:
-        for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=f"sampling ({world} process(es))"):
-            batch = generate_batch(flow, labels, args.seed, b, args.batch_size, steps=args.steps, solver=args.solver,
-                                  temperature=args.temperature, cfg_scale=args.cfg_scale,
-                                  cfg_interval=args.cfg_interval, couplings=args.couplings, precision=precision,
-                                  dfm_sampler=args.dfm_sampler)
-            if args.couplings:
-                batch, codes, noise = batch
-                files.save_npy(os.path.join(parts, f"codes-{b:06d}.npy"), codes.cpu().numpy())
-                files.save_npy(os.path.join(parts, f"noise-{b:06d}.npy"), noise.cpu().numpy())
-            files.save_npy(os.path.join(parts, f"batch-{b:06d}.npy"), batch)
-        distributed.barrier(world)
+        drawn = distributed.gather_batches(os.path.join(args.out, ".parts"), -(-args.num_samples // args.batch_size),
+                                           batch, rank, world, desc=f"sampling ({world} process(es))")
         if rank == 0:
-            pack(args, flow, labels, settings, parts, num_batches, start, world)
+            pack(args, flow, drawn["images"], labels, settings, start, world)
             if args.couplings:
-                pack_couplings(args, flow, labels, settings, parts, num_batches)
-    finally:  # finished, failed or interrupted: the batches go (rank 0 removes them once every rank is done)
+                out = os.path.join(args.out, "couplings")
+                codesets.write_couplings(out, drawn["codes"], labels, drawn["noise"], flow.codebook.numpy(),
+                                         flow.meta, teacher=settings)
+                print(f"{len(labels)} couplings (noise, codes, label) -> {out}")
+    finally:  # finished, failed or interrupted: no half-written code set
         if rank == 0:
-            shutil.rmtree(parts, ignore_errors=True)
             shutil.rmtree(os.path.join(args.out, ".couplings.tmp"), ignore_errors=True)
 
 
-def pack(args, flow, labels, settings, parts, num_batches, start, world):
-    """samples.npz (the first N images, in order), settings.json and grid.png from the batches of every rank."""
-    samples = np.concatenate([np.load(os.path.join(parts, f"batch-{b:06d}.npy")) for b in range(num_batches)])
+def pack(args, flow, samples, labels, settings, start, world):
+    """samples.npz (the N images, in order), settings.json and grid.png."""
     settings["seconds"] = round(time.time() - start, 2)
     settings["seconds_per_sample"] = round(settings["seconds"] * world / args.num_samples, 4)
     npz = os.path.join(args.out, "samples.npz")
@@ -262,17 +231,6 @@ def pack(args, flow, labels, settings, parts, num_batches, start, world):
     images.save_picture(images.sample_grid(samples, labels), os.path.join(args.out, "grid.png"))
     print(f"{len(samples)} samples {samples.shape[1:]} in {settings['seconds']:.1f} s -> {npz}, "
           f"{os.path.join(args.out, 'grid.png')}")
-
-
-def pack_couplings(args, flow, labels, settings, parts, num_batches):
-    """OUT/couplings: the grids drawn, their labels and the noise z0 each started from, a code set that train.py
-    trains a reflow student on with that noise held fixed."""
-    codes, noise = ([np.load(os.path.join(parts, f"{kind}-{b:06d}.npy")) for b in range(num_batches)]
-                    for kind in ("codes", "noise"))
-    out = os.path.join(args.out, "couplings")
-    codesets.write_couplings(out, np.concatenate(codes), labels, np.concatenate(noise), flow.codebook.numpy(),
-                             flow.meta, teacher=settings)
-    print(f"{len(labels)} couplings (noise, codes, label) -> {out}")
 
 
 def main(argv=None):

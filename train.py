@@ -12,9 +12,8 @@ stopped at step N and resumed with the same settings gives the same weights as o
 learning-rate schedule depends on --steps). Ctrl-C or SIGTERM (a cluster's stop, on every process or on one
 worker) finishes the step, saves it on every rank together and exits (130, 143): `--resume` then goes on.
 
-A reflow student: --codes a coupling set of `sample.py --couplings` (grids with the noise z0 the teacher's
-sampler started from) trains the same objective on those fixed pairs instead of fresh noise, so that the path
-from each z0 is straight and one Euler step lands on its grid; --init starts it from the teacher's EMA weights.
+A reflow student trains on a coupling set of `sample.py --couplings` (--codes; each grid with the noise z0 it
+was drawn from, held fixed instead of fresh noise) from its teacher's weights (--init).
 """
 
 import contextlib
@@ -102,9 +101,7 @@ def check(s):
         raise UserError(f"--keep-every {s.keep_every}: expected a multiple of --ckpt-every {s.ckpt_every}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One training step, and the loss by t
-# ----------------------------------------------------------------------------------------------------------
+# ---- One training step, and the loss by t ----------------------------------------------------------------
 
 class LossByT:
     """The mean loss, and the mean loss in T_BINS bins of t, over the micro-batches since the last log. Where the
@@ -206,9 +203,7 @@ def save_preview(ema, objective, codes, path, device, seed):
         images.save_grid(images.to_uint8(tokenizer.decode(grids)), path, nrow=8)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------------------------
+# ---- The training loop -----------------------------------------------------------------------------------
 
 def train(s):
     """Train the run that settings `s` describe (a Settings record)."""

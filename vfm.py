@@ -212,14 +212,8 @@ def solve_ode(velocity, z, steps, solver="euler"):
 def evaluation_times(steps, solver):
     """The times t at which solve_ode (and DFM's sampler, as "euler") evaluates the network, in order: t_i for
     each step, and t_i + h/2 (midpoint) or t_i+1 (heun, every step but the last) for the second evaluation."""
-    ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
     times = []
-    for i in range(steps):
-        times.append(ts[i])
-        if solver == "midpoint":
-            times.append(ts[i] + 0.5 * (ts[i + 1] - ts[i]))
-        elif solver == "heun" and i < steps - 1:
-            times.append(ts[i + 1])
+    solve_ode(lambda z, t: times.append(t) or z, torch.zeros(()), steps, solver)
     return times
 
 

@@ -19,13 +19,11 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import numpy as np
-from tqdm import tqdm
 
 import evaluate
 import fid
@@ -125,28 +123,18 @@ def sample_and_score(s, step, path, settings, score, rank, world, device):
     labels = sample.sample_labels(s.num_samples, flow.num_classes)
     kw = dict(steps=s.steps, solver=s.solver, temperature=s.temperature, cfg_scale=s.cfg_scale,
               cfg_interval=tuple(settings["cfg_interval"]), precision=settings["precision"], dfm_sampler=s.dfm_sampler)
-    parts, num_batches = os.path.join(s.out, f".parts-step-{step:07d}"), -(-s.num_samples // s.batch_size)
+    batch = lambda b: dict(images=sample.generate_batch(flow, labels, s.seed, b, s.batch_size, **kw))
+    images = distributed.gather_batches(os.path.join(s.out, f".parts-step-{step:07d}"), -(-s.num_samples // s.batch_size),
+                                        batch, rank, world, desc=f"step {step} ({world} process(es))")
     if rank == 0:
-        os.makedirs(parts, exist_ok=True)
-    distributed.barrier(world)
-    try:
-        for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=f"step {step} ({world} process(es))"):
-            batch = sample.generate_batch(flow, labels, s.seed, b, s.batch_size, **kw)
-            files.save_npy(os.path.join(parts, f"batch-{b:06d}.npy"), batch)
-        distributed.barrier(world)
-        if rank == 0:
-            images = np.concatenate([np.load(os.path.join(parts, f"batch-{b:06d}.npy")) for b in range(num_batches)])
-            sampled = time.time() - start
-            metrics = score(images, labels if flow.num_classes else None)
-            path_json = os.path.join(s.out, f"step-{step:07d}.json")
-            files.write_json(path_json, dict(step=step, checkpoint=os.path.abspath(path), **metrics,
-                                             num_samples=len(images), processes=world, sample_seconds=round(sampled, 1),
-                                             seconds=round(time.time() - start, 1), settings=settings))
-            said = "  ".join(f"{title} {metrics[k]:.4g}" for k, title in METRICS[s.metric] if metrics[k] is not None)
-            print(f"step {step}: {said} ({time.time() - start:.0f} s) -> {path_json}", flush=True)
-    finally:  # scored, failed or interrupted: the batches go once every rank is done with them
-        if rank == 0:
-            shutil.rmtree(parts, ignore_errors=True)
+        images, sampled = images["images"], time.time() - start
+        metrics = score(images, labels if flow.num_classes else None)
+        path_json = os.path.join(s.out, f"step-{step:07d}.json")
+        files.write_json(path_json, dict(step=step, checkpoint=os.path.abspath(path), **metrics,
+                                         num_samples=len(images), processes=world, sample_seconds=round(sampled, 1),
+                                         seconds=round(time.time() - start, 1), settings=settings))
+        said = "  ".join(f"{title} {metrics[k]:.4g}" for k, title in METRICS[s.metric] if metrics[k] is not None)
+        print(f"step {step}: {said} ({time.time() - start:.0f} s) -> {path_json}", flush=True)
 
 
 def write_curve(s, settings):

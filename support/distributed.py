@@ -10,6 +10,7 @@ either, with a checkpoint, every rank together (`stop_requests`).
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +18,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from support import files
 
 
 @contextlib.contextmanager
@@ -92,6 +96,44 @@ def autocast_context(precision, device):
         return precision, contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return precision, torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_model(model, precision, device):
+    """(precision, model): the network run under autocast at `precision` (as autocast_context), resolved; only the
+    network, so that what a sampler computes from its output (the posterior mean, guidance, the solver) stays
+    float32."""
+    device = torch.device(device)
+    precision, _ = autocast_context(precision, device)
+    if precision == "fp32":
+        return precision, model
+
+    def run(x, t, y):
+        with autocast_context(precision, device)[1]:
+            return model(x, t, y)
+
+    return precision, run
+
+
+def gather_batches(folder, num_batches, make_batch, rank, world, desc="batches"):
+    """Batches b = rank, rank + world, ... of make_batch(b) -> {name: array}, made by every rank and written to
+    `folder`; on rank 0, each name's arrays of every batch concatenated in order of b (None on the other ranks).
+    The folder goes once every rank is done with it: finished, failed or interrupted."""
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    barrier(world)
+    try:
+        for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=desc):
+            for name, array in make_batch(b).items():
+                files.save_npy(os.path.join(folder, f"{name}-{b:06d}.npy"), array)
+        barrier(world)
+        if rank != 0:
+            return None
+        names = sorted({f.rsplit("-", 1)[0] for f in os.listdir(folder) if f.endswith(".npy")})
+        return {name: np.concatenate([np.load(os.path.join(folder, f"{name}-{b:06d}.npy")) for b in range(num_batches)])
+                for name in names}
+    finally:
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rng_state(device):

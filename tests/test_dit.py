@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from dit import DiT, DiT_models, build_dit, patchify, sincos_2d, unpatchify
 

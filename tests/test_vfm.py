@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import baselines
-import sample
+from support import distributed
 import vfm
 from toy.run import ToyMLP
 from toy.toys import Oracle, make_toy
@@ -281,12 +281,13 @@ class Passes(torch.nn.Module):
         return self.net(torch.cat([x, extra[:, None].expand(-1, x.shape[1], -1)], -1)) * 3
 
 
-@pytest.mark.parametrize("solver", vfm.SOLVERS)
-@pytest.mark.parametrize("steps", [1, 2, 5])
-def test_evaluation_times_are_where_solve_ode_evaluates(solver, steps):
-    seen = []
-    vfm.solve_ode(lambda z, t: seen.append(t) or torch.zeros_like(z), torch.zeros(1), steps, solver)
-    assert vfm.evaluation_times(steps, solver) == seen and len(seen) == vfm.num_evaluations(steps, solver)
+@pytest.mark.parametrize("solver,steps,times", [
+    ("euler", 1, [0]), ("euler", 4, [0, 0.25, 0.5, 0.75]),
+    ("midpoint", 1, [0, 0.5]), ("midpoint", 2, [0, 0.25, 0.5, 0.75]),
+    ("heun", 1, [0]), ("heun", 2, [0, 0.5, 0.5]), ("heun", 4, [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75])])
+def test_evaluation_times(solver, steps, times):
+    """Where each solver evaluates the network: t_i, and t_i + h/2 (midpoint) or t_i+1 (heun, but not at t = 1)."""
+    assert vfm.evaluation_times(steps, solver) == times and vfm.num_evaluations(steps, solver) == len(times)
 
 
 @pytest.mark.parametrize("name,solver", [("purrception", "midpoint"), ("purrception", "heun"), ("cfm", "euler"),
@@ -554,8 +555,8 @@ def test_sampling_memory_follows_the_chunk_not_batch_positions_and_codes(name, m
 
 
 def test_bf16_autocast_runs_the_network_alone_in_bf16():
-    """sample.py's autocast: the network's operations in bf16, everything else the sampler does (guidance, the
-    posterior mean, the solver's state, snapping) in float32."""
+    """distributed.autocast_model (sample.py's): the network's operations in bf16, everything else the sampler
+    does (guidance, the posterior mean, the solver's state, snapping) in float32."""
     obj, net, probe = vfm.Purrception(torch.randn(64, 2), num_classes=3), Passes(64), Made()
 
     def model(x, t, y):
@@ -566,8 +567,8 @@ def test_bf16_autocast_runs_the_network_alone_in_bf16():
             probe.inside = False
 
     cpu = torch.device("cpu")
-    assert sample.autocast(model, "auto", cpu) == ("fp32", model) == sample.autocast(model, "fp32", cpu)
-    precision, run = sample.autocast(model, "bf16", cpu)
+    assert distributed.autocast_model(model, "auto", cpu) == ("fp32", model) == distributed.autocast_model(model, "fp32", cpu)
+    precision, run = distributed.autocast_model(model, "bf16", cpu)
     with probe:
         codes = obj.sample(run, (4, 3), y=torch.tensor([0, 1, 2, 0]), steps=3, solver="heun", cfg_scale=2.0,
                            generator=torch.Generator().manual_seed(0))
