@@ -58,7 +58,7 @@ from support.cli import ArgumentParser, UserError, make_dir, run_command, user_e
 from support.datasets import CLASS_NAMES, load_mnist, read_mnist
 from support.images import to_float, to_uint8
 from support.lenet import default_classifier_path, extract, load_classifier
-from support.metrics import COVERAGE_K, coverage, frechet_distance, gaussian_fit
+from support.metrics import COVERAGE_K, coverage, coverage_radii, frechet_distance, gaussian_fit
 
 IMAGE_SHAPE = (28, 28)  # MNIST-sized images only; ImageNet samples go to fid.py
 
@@ -95,11 +95,13 @@ def _prepared(dataset, data_dir, classifier_path):
 
 @functools.lru_cache(maxsize=2)
 def _prepared_cached(dataset, data_dir, path, mtime_ns):
-    """(model, info, test features, test labels, test Gaussian); kept for repeated calls in one process."""
+    """(model, info, test features, test labels, test Gaussian, per-class coverage radii); kept for repeated
+    calls in one process."""
     images, labels, identity = read_mnist(dataset, data_dir, "test")
     model, info = load_classifier(dataset, data_dir, path, test_split=(images, labels, identity))
     features, _ = extract(model, images, desc="features of the test split")
-    return model, info, features, labels, gaussian_fit(features)
+    radii = [coverage_radii(features[labels == c], COVERAGE_K) for c in range(len(CLASS_NAMES[dataset]))]
+    return model, info, features, labels, gaussian_fit(features), radii
 
 
 def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
@@ -112,16 +114,17 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
         raise ValueError(f"unknown dataset '{dataset}'; choose from: {', '.join(CLASS_NAMES)}")
     names = CLASS_NAMES[dataset]
     images, labels = check_images(images, labels, len(names))
-    model, info, real_features, real_labels, (real_mu, real_sigma) = _prepared(dataset, data_dir, classifier_path)
+    model, info, real_features, real_labels, (real_mu, real_sigma), radii = _prepared(dataset, data_dir,
+                                                                                       classifier_path)
     features, predictions = extract(model, images, desc="features of the samples")
-    floor, floor_images = fid_floor(model, len(images), dataset, data_dir, real_mu, real_sigma)
+    floor, floor_images = fid_floor(dataset, data_dir, classifier_path, len(images))
     groups = labels if labels is not None else predictions
     accuracy_per_class, coverage_per_class = [], []
     for c in range(len(names)):
         mine = groups == c
         hits = predictions[mine] == c
         accuracy_per_class.append(float(hits.mean()) if labels is not None and mine.any() else None)
-        coverage_per_class.append(coverage(real_features[real_labels == c], features[mine]))
+        coverage_per_class.append(coverage(real_features[real_labels == c], features[mine], radii=radii[c]))
     return dict(
         dataset=dataset,
         num_samples=len(images),
@@ -141,9 +144,16 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
     )
 
 
-def fid_floor(model, n, dataset, data_dir, real_mu, real_sigma):
+def fid_floor(dataset, data_dir, classifier_path, n):
     """(FID-LeNet of the first n real training images (all of them if fewer) against the test split's Gaussian, how
     many there were): the sampling floor of n samples' FID-LeNet. (None, 0) where the training split is absent."""
+    path = os.path.abspath(classifier_path or default_classifier_path(dataset))
+    return _fid_floor_cached(dataset, os.path.abspath(data_dir), path, os.stat(path).st_mtime_ns, n)
+
+
+@functools.lru_cache(maxsize=8)
+def _fid_floor_cached(dataset, data_dir, path, mtime_ns, n):
+    model, _, _, _, (real_mu, real_sigma), _ = _prepared_cached(dataset, data_dir, path, mtime_ns)
     try:
         images, _, _ = read_mnist(dataset, data_dir, "train")
     except FileNotFoundError:  # a cached classifier scores with the test split alone

@@ -185,10 +185,13 @@ def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_ba
     return grad_norm
 
 
+PREVIEW_STEPS = 50  # Euler steps of a preview grid
+
+
 @torch.no_grad()
 def save_preview(ema, objective, codes, path, device, seed):
-    """A look during training: 8 EMA samples per class (up to 10 classes), 50 Euler steps. It draws from its own
-    generator and forks the global random state, so a run with previews trains the same weights as one without."""
+    """A look during training: 8 EMA samples per class (up to 10 classes). It draws from its own generator and
+    forks the global random state, so a run with previews trains the same weights as one without."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             tokenizer = tokenizers.load_for_codes(codes.meta, codes.codebook, device)
@@ -198,7 +201,7 @@ def save_preview(ema, objective, codes, path, device, seed):
         ema.eval()
         n = min(codes.num_classes, 10) or 4
         y = torch.arange(n, device=device).repeat_interleave(8) if codes.num_classes else None
-        grids = objective.sample(ema, (8 * n, *codes.grid), y=y, steps=50,
+        grids = objective.sample(ema, (8 * n, *codes.grid), y=y, steps=PREVIEW_STEPS,
                                  generator=torch.Generator(device).manual_seed(seed))
         images.save_grid(images.to_uint8(tokenizer.decode(grids)), path, nrow=8)
 

@@ -45,19 +45,26 @@ def _distances(a, b):
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def coverage(real_features, fake_features, k=COVERAGE_K, chunk=1024):
-    """The fraction of real points whose ball out to their k-th nearest real neighbour (the point itself not
-    counted) holds at least one fake point (Naeem et al. 2020). The balls are closed (<=): the authors' code
-    uses <, which differs only for a fake point exactly on a boundary. No fake points: 0."""
+def coverage_radii(real_features, k=COVERAGE_K, chunk=1024):
+    """The distance from each real point to its k-th nearest real neighbour (the point itself not counted):
+    the radii of coverage's balls, which depend on the real side alone (float64 tensor (N,))."""
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
-    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
     if len(real) <= k:
         raise ValueError(f"coverage with k = {k} needs more than {k} real points, got {len(real)}")
+    return torch.cat([_distances(real[i:i + chunk], real).kthvalue(k + 1, dim=1).values  # the 1st: itself
+                      for i in range(0, len(real), chunk)])
+
+
+def coverage(real_features, fake_features, k=COVERAGE_K, chunk=1024, radii=None):
+    """The fraction of real points whose ball out to their k-th nearest real neighbour (the point itself not
+    counted) holds at least one fake point (Naeem et al. 2020). The balls are closed (<=): the authors' code
+    uses <, which differs only for a fake point exactly on a boundary. No fake points: 0. `radii`:
+    coverage_radii(real_features, k), for a caller that scores many fake sets against one real set."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
+    radii = coverage_radii(real, k, chunk) if radii is None else radii
     if len(fake) == 0:
         return 0.0
-    covered = []
-    for i in range(0, len(real), chunk):
-        block = real[i:i + chunk]
-        radius = _distances(block, real).kthvalue(k + 1, dim=1).values  # the 1st is the point itself
-        covered.append(_distances(block, fake).min(dim=1).values <= radius)
+    covered = [_distances(real[i:i + chunk], fake).min(dim=1).values <= radii[i:i + chunk]
+               for i in range(0, len(real), chunk)]
     return float(torch.cat(covered).double().mean())

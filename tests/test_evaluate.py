@@ -154,6 +154,22 @@ def test_real_training_images_without_labels(classifier, test_split):
     assert m["coverage"] > 0.5 > constant["coverage"]
 
 
+def test_coverage_per_class_is_that_of_each_class_real_and_sampled_features(classifier, test_split):
+    """evaluate_images keeps each class's ball radii between calls; its scores are metrics.coverage's, from
+    scratch, of that class's real features and the samples grouped under it."""
+    images, labels = test_split
+    model, _ = lenet.load_classifier("fashion-mnist", FASHION_MNIST, classifier[0])
+    train, train_labels = datasets.load_mnist("fashion-mnist", FASHION_MNIST, "train")
+    real, _ = lenet.extract(model, images)
+    fake, _ = lenet.extract(model, train[:300])
+    for shift in (0, 1):  # samples conditioned on their own class, then on the next: other balls, other scores
+        conditioned = (train_labels[:300] + shift) % 10
+        m = evaluate.evaluate_images(train[:300, :, :, None], conditioned, "fashion-mnist", FASHION_MNIST,
+                                     classifier[0])
+        assert m["coverage_per_class"] == [metrics.coverage(real[labels == c], fake[conditioned == c])
+                                           for c in range(10)]
+
+
 def test_the_fid_floor_is_that_of_as_many_real_training_images(classifier, test_split):
     """fid_floor: FID-LeNet of the first n training images against the test split, by the same classifier."""
     images, labels = test_split
