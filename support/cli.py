@@ -19,6 +19,7 @@ import sys
 from support import distributed
 
 DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+_made = []  # the output directories this command created (make_dir), removed again if it fails with them empty
 
 
 class UserError(Exception):
@@ -58,12 +59,16 @@ def run_command(command, *args):
     signals are ignored while the process says why and leaves: torchrun signals every other worker as soon as one
     exits, which must not cut that line short."""
     rank = int(os.environ.get("RANK", "0"))
+    _made.clear()
     with distributed.signal_handlers(distributed.interrupt, (signal.SIGTERM,)):
         try:
             try:
-                return command(*args)
+                result = command(*args)
+                _made.clear()
+                return result
             finally:
                 distributed.ignore_signals()
+                remove_empty_made()
         except UserError as e:
             if e.rank_local and rank != 0:
                 print(f"error: rank {rank}: {e}", file=sys.stderr)
@@ -136,9 +141,14 @@ def check_fraction(args, *names):
 
 def make_dir(path):
     """Create an output directory and check that files can be written in it, or say in one line why not:
-    before a long computation, not after it."""
+    before a long computation, not after it. A command that then fails leaves no empty directory it made."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: exists and is not a directory (expected an output directory)")
+    top = os.path.abspath(path)
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    if not os.path.exists(top):
+        _made.append(top)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -152,6 +162,15 @@ def make_dir(path):
     finally:
         if os.path.exists(probe):
             os.remove(probe)
+
+
+def remove_empty_made():
+    """Remove the directories make_dir created for a command that failed, where nothing was written in them."""
+    for top in reversed(_made):
+        for root, _, _ in os.walk(top, topdown=False):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty: something was written there, and it stays
+                os.rmdir(root)
+    _made.clear()
 
 
 def check_output_files(directory, *names):

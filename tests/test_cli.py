@@ -11,7 +11,7 @@ import torch
 import train
 from conftest import cli
 from support import distributed
-from support.cli import run_command
+from support.cli import UserError, make_dir, run_command
 
 
 class Unhandled(Exception):
@@ -65,7 +65,7 @@ def test_a_stop_request_is_noted_and_a_second_signal_quits_at_once():
 
 def test_sample_stopped_by_sigterm_leaves_no_batches_and_no_samples(codes_dir, tmp_path):
     """sample.py stopped by SIGTERM mid-run (as a cluster stops a job): its batches in OUT/.parts go, and no
-    samples.npz is left, whole or half-written; one line, exit 143."""
+    samples.npz is left, whole or half-written, nor the OUT it made; one line, exit 143."""
     train.main(["--codes", str(codes_dir), "--out", str(tmp_path / "run"), "--steps", "1", "--model", "DiT-T/1",
                 "--batch-size", "8", "--sample-every", "0"])
     out = tmp_path / "s"
@@ -84,4 +84,34 @@ def test_sample_stopped_by_sigterm_leaves_no_batches_and_no_samples(codes_dir, t
     finally:
         proc.kill()
     assert proc.returncode == 143 and "\ninterrupted\n" in err and "Traceback" not in err, err[-2000:]
-    assert not [name for name in os.listdir(out) if name in (".parts", "samples.npz") or name.endswith(".tmp")]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ending", ["user error", "ctrl-c", "success"])
+def test_a_failed_command_leaves_no_empty_directory_it_made(ending, tmp_path, capsys):
+    """The output directories make_dir created go again when the command fails with nothing written in them; a
+    directory that was there before, one holding a file, and those of a command that succeeded stay."""
+    (tmp_path / "was-there").mkdir()
+
+    def command():
+        make_dir(tmp_path / "new" / "deep" / "out")
+        make_dir(tmp_path / "was-there" / "out")
+        make_dir(tmp_path / "kept" / "out")
+        (tmp_path / "kept" / "out" / "log.txt").write_text("written")
+        make_dir(tmp_path / "kept" / "empty")
+        if ending == "user error":
+            raise UserError("a mistake")
+        if ending == "ctrl-c":
+            raise KeyboardInterrupt
+
+    if ending == "success":
+        run_command(command)
+    else:
+        with pytest.raises(SystemExit):
+            run_command(command)
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    if ending == "success":
+        assert made == ["kept", "kept/empty", "kept/out", "kept/out/log.txt", "new", "new/deep", "new/deep/out",
+                        "was-there", "was-there/out"]
+    else:
+        assert made == ["kept", "kept/out", "kept/out/log.txt", "was-there"]
