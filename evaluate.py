@@ -63,9 +63,7 @@ from support.metrics import COVERAGE_K, coverage, coverage_radii, frechet_distan
 IMAGE_SHAPE = (28, 28)  # MNIST-sized images only; ImageNet samples go to fid.py
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Scoring a set of images
-# ----------------------------------------------------------------------------------------------------------
+# ---- Scoring a set of images -----------------------------------------------------------------------------
 
 def check_images(images, labels=None, num_classes=10, where="images"):
     """Check uint8 MNIST-sized images (N, 28, 28, 1) or (N, 28, 28) and optional labels (N,) in range."""
@@ -86,11 +84,13 @@ def check_images(images, labels=None, num_classes=10, where="images"):
 
 
 def _prepared(dataset, data_dir, classifier_path):
-    """The classifier and the real side: trains and caches the classifier first if its file is absent."""
+    """The key of the classifier and the real side (dataset, data_dir, classifier path, its mtime), and
+    _prepared_cached of it: trains and caches the classifier first if its file is absent."""
     path = os.path.abspath(classifier_path or default_classifier_path(dataset))
     if not os.path.exists(path):
         load_classifier(dataset, data_dir, path)
-    return _prepared_cached(dataset, os.path.abspath(data_dir), path, os.stat(path).st_mtime_ns)
+    key = (dataset, os.path.abspath(data_dir), path, os.stat(path).st_mtime_ns)
+    return key, _prepared_cached(*key)
 
 
 @functools.lru_cache(maxsize=2)
@@ -114,10 +114,10 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
         raise ValueError(f"unknown dataset '{dataset}'; choose from: {', '.join(CLASS_NAMES)}")
     names = CLASS_NAMES[dataset]
     images, labels = check_images(images, labels, len(names))
-    model, info, real_features, real_labels, (real_mu, real_sigma), radii = _prepared(dataset, data_dir,
-                                                                                       classifier_path)
+    key, (model, info, real_features, real_labels, (real_mu, real_sigma), radii) = _prepared(dataset, data_dir,
+                                                                                              classifier_path)
     features, predictions = extract(model, images, desc="features of the samples")
-    floor, floor_images = fid_floor(dataset, data_dir, classifier_path, len(images))
+    floor, floor_images = fid_floor(key, len(images))
     groups = labels if labels is not None else predictions
     accuracy_per_class, coverage_per_class = [], []
     for c in range(len(names)):
@@ -144,16 +144,13 @@ def evaluate_images(images, labels, dataset, data_dir, classifier_path=None):
     )
 
 
-def fid_floor(dataset, data_dir, classifier_path, n):
-    """(FID-LeNet of the first n real training images (all of them if fewer) against the test split's Gaussian, how
-    many there were): the sampling floor of n samples' FID-LeNet. (None, 0) where the training split is absent."""
-    path = os.path.abspath(classifier_path or default_classifier_path(dataset))
-    return _fid_floor_cached(dataset, os.path.abspath(data_dir), path, os.stat(path).st_mtime_ns, n)
-
-
 @functools.lru_cache(maxsize=8)
-def _fid_floor_cached(dataset, data_dir, path, mtime_ns, n):
-    model, _, _, _, (real_mu, real_sigma), _ = _prepared_cached(dataset, data_dir, path, mtime_ns)
+def fid_floor(key, n):
+    """(FID-LeNet of the first n real training images (all of them if fewer) against the test split's Gaussian, how
+    many there were): the sampling floor of n samples' FID-LeNet, by the classifier of `key` (_prepared's). (None,
+    0) where the training split is absent."""
+    dataset, data_dir = key[:2]
+    model, _, _, _, (real_mu, real_sigma), _ = _prepared_cached(*key)
     try:
         images, _, _ = read_mnist(dataset, data_dir, "train")
     except FileNotFoundError:  # a cached classifier scores with the test split alone
@@ -196,9 +193,7 @@ def reference_metrics(tokenizer, dataset, data_dir, classifier_path=None, batch_
     return dict(reference="VQ reconstructions of the test split", tokenizer=name, **metrics)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------------------
 
 def load_samples(path):
     """(images (N, 28, 28, 1) uint8, labels (N,) or None) from an .npz of sample.py: arr_0 and labels."""

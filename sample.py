@@ -193,7 +193,7 @@ def _sample(args, rank, world, device):
                                                guidable=flow.num_classes > 0, times=times))
 
     # Every rank draws batches b = rank, rank + world, ... into OUT/.parts; rank 0 then packs them in order.
-    if rank == 0 and args.couplings:  # replaced (--force): the old set goes now, so a failed run leaves none, not a stale one
+    if rank == 0 and args.couplings:  # replaced (--force): the old set goes now, so a failed run leaves no stale one
         shutil.rmtree(os.path.join(args.out, "couplings"), ignore_errors=True)
     kw = dict(steps=args.steps, solver=args.solver, temperature=args.temperature, cfg_scale=args.cfg_scale,
               cfg_interval=args.cfg_interval, precision=precision, dfm_sampler=args.dfm_sampler)

@@ -41,9 +41,7 @@ from support.schedule import learning_rate
 DATASETS = ("mnist", "fashion-mnist")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------------------
 
 def mnist_batches(pixels, labels, batch_size):
     """(images (B, 1, 28, 28) float in [-1, 1], labels (B,)) pairs over uint8 images (N, 28, 28), in order."""
@@ -142,9 +140,7 @@ def train(args):
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encoding an MNIST-format split into a code set
-# ----------------------------------------------------------------------------------------------------------
+# ---- Encoding an MNIST-format split into a code set ------------------------------------------------------
 
 SHARD_SIZE = 100_000  # code grids per shard file
 
@@ -220,9 +216,7 @@ def encode(args):
     return meta
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encoding an ImageFolder tree (ImageNet) with a pretrained tokenizer, sharded across torchrun ranks
-# ----------------------------------------------------------------------------------------------------------
+# ---- Encoding an ImageFolder tree (ImageNet) with a pretrained tokenizer, sharded across torchrun ranks ----
 
 IMAGEFOLDER_SHARD = 10_000  # images per shard: 10,000 x 2 views x 32 x 32 codes x 2 bytes = 41 MB
 
@@ -298,9 +292,7 @@ def encode_imagefolder(args):
                   f"{num_shards} shard(s)")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train the MNIST / Fashion-MNIST VQ tokenizer, or encode a dataset "

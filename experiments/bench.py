@@ -48,9 +48,7 @@ COLUMNS = ["model", "params (M)", "dtype", "compile", "batch", "steps/s", "image
 NEW_FILE_HEADER = "# Benchmarks\n\nTraining throughput measured by `bench.py`; its docstring says what is measured.\n"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FLOPs of the DiT
-# ----------------------------------------------------------------------------------------------------------
+# ---- FLOPs of the DiT ------------------------------------------------------------------------------------
 
 def flops_per_forward(model):
     """Analytic FLOPs of one forward pass of a DiT (dit.py) for ONE sample, a multiply-add counted as 2 FLOPs.
@@ -74,9 +72,7 @@ def flops_per_forward(model):
     return 2 * multiply_adds
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Device, precision, peak
-# ----------------------------------------------------------------------------------------------------------
+# ---- Device, precision, peak -----------------------------------------------------------------------------
 
 def describe_device(device):
     if device.type == "cuda":
@@ -103,9 +99,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One configuration
-# ----------------------------------------------------------------------------------------------------------
+# ---- One configuration -----------------------------------------------------------------------------------
 
 def time_training(name, dtype, compiled, args, device):
     """Seconds per training step and peak memory (GiB, CUDA only) for one model, dtype and compile setting:
@@ -165,9 +159,7 @@ def run_config(name, dtype, compiled, args, device, flops_per_image, params):
     return row
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------
+# ---- Report ----------------------------------------------------------------------------------------------
 
 def report_section(rows, args, device, command):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -205,9 +197,7 @@ def append_markdown(path, text):
     files.write_text(path, read_markdown(path).rstrip("\n") + "\n\n" + text)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Training throughput and MFU of the DiT on the Purrception objective.")

@@ -124,10 +124,11 @@ def sample_and_score(s, step, path, settings, score, rank, world, device):
     kw = dict(steps=s.steps, solver=s.solver, temperature=s.temperature, cfg_scale=s.cfg_scale,
               cfg_interval=tuple(settings["cfg_interval"]), precision=settings["precision"], dfm_sampler=s.dfm_sampler)
     batch = lambda b: dict(images=sample.generate_batch(flow, labels, s.seed, b, s.batch_size, **kw))
-    images = distributed.gather_batches(os.path.join(s.out, f".parts-step-{step:07d}"), -(-s.num_samples // s.batch_size),
-                                        batch, rank, world, desc=f"step {step} ({world} process(es))")
+    drawn = distributed.gather_batches(os.path.join(s.out, f".parts-step-{step:07d}"),
+                                       -(-s.num_samples // s.batch_size), batch, rank, world,
+                                       desc=f"step {step} ({world} process(es))")
     if rank == 0:
-        images, sampled = images["images"], time.time() - start
+        images, sampled = drawn["images"], time.time() - start
         metrics = score(images, labels if flow.num_classes else None)
         path_json = os.path.join(s.out, f"step-{step:07d}.json")
         files.write_json(path_json, dict(step=step, checkpoint=os.path.abspath(path), **metrics,

@@ -45,9 +45,7 @@ def build(settings, codebook, grid, num_classes):
     return model, objective
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading and writing
-# ----------------------------------------------------------------------------------------------------------
+# ---- Reading and writing ---------------------------------------------------------------------------------
 
 def load(path):
     """A checkpoint written by train.py to resume from (last.pt), or FileNotFoundError / ValueError naming the file.
@@ -126,9 +124,7 @@ def restore(ckpt, rank, world, device, batches, **modules):
     return ckpt["step"]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checks that a checkpoint fits a run: resume, --init, coupling sets
-# ----------------------------------------------------------------------------------------------------------
+# ---- Checks that a checkpoint fits a run: resume, --init, coupling sets ----------------------------------
 
 def check_fits(ckpt, path, where, settings, codes, keys):
     """UserError (prefixed by `where`) unless the checkpoint at `path` was trained on codes like these (grid,
@@ -198,9 +194,7 @@ def check_couplings(settings, codes):
                         f"{settings.codebook_scale}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# A trained flow, ready to sample
-# ----------------------------------------------------------------------------------------------------------
+# ---- A trained flow, ready to sample ---------------------------------------------------------------------
 
 class Flow:
     """A train.py checkpoint ready to sample: model (EMA weights unless use_ema=False) in eval mode, objective,

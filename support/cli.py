@@ -92,9 +92,7 @@ def run_command(command, *args):
             sys.exit(2)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checks of numbers and paths, before any work is done
-# ----------------------------------------------------------------------------------------------------------
+# ---- Checks of numbers and paths, before any work is done ------------------------------------------------
 
 def _flag(name):
     return "--" + name.replace("_", "-")

@@ -17,9 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from support import files
 
-# ----------------------------------------------------------------------------------------------------------
-# Code sets: what `tokenizer.py encode` writes and train.py reads
-# ----------------------------------------------------------------------------------------------------------
+# ---- Code sets: what `tokenizer.py encode` writes and train.py reads -------------------------------------
 #   CODES/meta.json          what the codes are: tokenizer, grid (h, w), K, d, classes, views, shard list, and
 #                            where they came from: dataset, split and, for MNIST-format files, `data`
 #                            {dataset, split, images_md5} (MD5 of the decompressed images file, datasets.KNOWN_MD5)
@@ -193,9 +191,7 @@ class CodeSet:
             yield s, rows[order], local[order]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batches for training: each rank's share of every epoch, resumable at any step
-# ----------------------------------------------------------------------------------------------------------
+# ---- Batches for training: each rank's share of every epoch, resumable at any step -----------------------
 
 class _Indexable:
     def __init__(self, n):

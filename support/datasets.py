@@ -27,9 +27,7 @@ from PIL import Image
 from support import files
 from support.images import to_float
 
-# ----------------------------------------------------------------------------------------------------------
-# MNIST-format IDX files
-# ----------------------------------------------------------------------------------------------------------
+# ---- MNIST-format IDX files ------------------------------------------------------------------------------
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -239,9 +237,7 @@ def read_mnist(dataset, data_dir, split="train", download=False):
     return images, labels.astype(np.int64), dict(dataset=dataset, split=split, images_md5=checksums[0])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# ImageFolder trees (ImageNet): root/<class name>/<image>, classes in sorted order
-# ----------------------------------------------------------------------------------------------------------
+# ---- ImageFolder trees (ImageNet): root/<class name>/<image>, classes in sorted order --------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".JPEG")
 

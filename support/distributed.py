@@ -150,9 +150,7 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Signals: SIGTERM raises as Ctrl-C does; a training loop stops at a step boundary on either
-# ----------------------------------------------------------------------------------------------------------
+# ---- Signals: SIGTERM raises as Ctrl-C does; a training loop stops at a step boundary on either ----------
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # On GPUs the ranks agree on a stop every 10 steps: reading the agreed flag (.item()) waits for the queued work

@@ -39,9 +39,7 @@ FEATURES = 2048  # pool_3
 CLASSES = 1008  # the 1008-way softmax of the TensorFlow graph (1000 ImageNet classes and 8 unused)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The blocks (torchvision's names and shapes; the pool branches as pytorch-fid's FID variants patch them)
-# ----------------------------------------------------------------------------------------------------------
+# ---- The blocks (torchvision's names and shapes; the pool branches as pytorch-fid's FID variants patch them) ----
 
 class BasicConv2d(nn.Module):
     """A convolution without bias, BatchNorm (eps 0.001) and ReLU."""
@@ -167,9 +165,7 @@ class InceptionE(nn.Module):
                           self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pooled)], 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The network
-# ----------------------------------------------------------------------------------------------------------
+# ---- The network -----------------------------------------------------------------------------------------
 
 def preprocess(images):
     """uint8 (B, H, W, 3) -> float (B, 3, 299, 299) in [-1, 1], as pytorch-fid: pixels / 255, a bilinear resize

@@ -79,9 +79,7 @@ LOOKUP_CHUNK = 1024  # latent vectors compared with the whole codebook at once: 
 MODEL_CHECKPOINT = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encoder and decoder, with taming's key names
-# ----------------------------------------------------------------------------------------------------------
+# ---- Encoder and decoder, with taming's key names --------------------------------------------------------
 
 class Level(nn.Module):
     """One resolution: res blocks `block`, each followed by `attn` when attention is on, then a resampler."""
@@ -173,9 +171,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h * ds, w * ds)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Quantizer: nearest code by Euclidean distance
-# ----------------------------------------------------------------------------------------------------------
+# ---- Quantizer: nearest code by Euclidean distance -------------------------------------------------------
 
 class VectorQuantizer(nn.Module):
     """The codebook (K, d), used as stored."""
@@ -197,9 +193,7 @@ class VectorQuantizer(nn.Module):
         return indices.view(z.shape[:-1])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The tokenizer
-# ----------------------------------------------------------------------------------------------------------
+# ---- The tokenizer ---------------------------------------------------------------------------------------
 
 class LdmVQ(nn.Module):
     """images (B, 3, H, W) in [-1, 1] <-> code indices (B, H / ds, W / ds) into a (K, d) codebook."""
@@ -241,9 +235,7 @@ class LdmVQ(nn.Module):
         return images.clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading the published checkpoint
-# ----------------------------------------------------------------------------------------------------------
+# ---- Loading the published checkpoint --------------------------------------------------------------------
 
 def state_dict_shapes(name):
     """{key: shape} of the tokenizer `name`'s state dict, built on the meta device (no memory, no weights)."""

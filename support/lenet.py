@@ -26,9 +26,7 @@ from support.images import to_float
 CLASSIFIER_FORMAT = "purrception-classifier/1"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The classifier: LeNet-style, its penultimate layer gives the features of FID-LeNet
-# ----------------------------------------------------------------------------------------------------------
+# ---- The classifier: LeNet-style, its penultimate layer gives the features of FID-LeNet ------------------
 
 class LeNet(nn.Module):
     """Two 3x3 conv blocks and two linear layers; `features` is the 128-d penultimate layer after its ReLU."""
@@ -104,9 +102,7 @@ def train_classifier(dataset, data_dir, epochs=5, batch_size=128, lr=2e-3, seed=
     return model, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The classifier cache
-# ----------------------------------------------------------------------------------------------------------
+# ---- The classifier cache --------------------------------------------------------------------------------
 
 def default_classifier_path(dataset):
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -69,9 +69,7 @@ USAGE_BUFFER_SIZE = 65536  # length of quantize.codebook_used in the published c
 LOOKUP_CHUNK = 1024  # latent vectors compared with the whole codebook at once: a (1024, K) similarity matrix
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------
+# ---- Building blocks -------------------------------------------------------------------------------------
 
 def group_norm(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -174,9 +172,7 @@ def middle(channels):
     return nn.ModuleList([ResBlock(channels, channels), AttnBlock(channels), ResBlock(channels, channels)])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encoder and decoder
-# ----------------------------------------------------------------------------------------------------------
+# ---- Encoder and decoder ---------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
     """(B, 3, H, W) -> (B, z_channels, H / ds, W / ds) with ds = 2 ** (len(ch_mult) - 1)."""
@@ -231,9 +227,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h * ds, w * ds)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Quantizer: nearest unit-norm code by cosine similarity
-# ----------------------------------------------------------------------------------------------------------
+# ---- Quantizer: nearest unit-norm code by cosine similarity ----------------------------------------------
 
 class VectorQuantizer(nn.Module):
     """The codebook (K, d), stored unnormalised as in the checkpoint and L2-normalised wherever it is used."""
@@ -257,9 +251,7 @@ class VectorQuantizer(nn.Module):
         return indices.view(z.shape[:-1])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The tokenizer
-# ----------------------------------------------------------------------------------------------------------
+# ---- The tokenizer ---------------------------------------------------------------------------------------
 
 class LlamaGenVQ(nn.Module):
     """images (B, 3, H, W) in [-1, 1] <-> code indices (B, H / ds, W / ds) into a (K, d) unit-norm codebook."""
@@ -300,9 +292,7 @@ class LlamaGenVQ(nn.Module):
         return images.clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading a published checkpoint
-# ----------------------------------------------------------------------------------------------------------
+# ---- Loading a published checkpoint ----------------------------------------------------------------------
 
 def state_dict_shapes(name):
     """{key: shape} of the tokenizer `name`'s state dict, built on the meta device (no memory, no weights)."""

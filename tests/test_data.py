@@ -176,9 +176,7 @@ def test_download_fetches_the_four_files(tmp_path, monkeypatch):
         datasets.load_mnist("fashion-mnist", str(tmp_path / "other"), "train", download=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data are what their name says: MNIST and Fashion-MNIST share file names, their contents tell them apart
-# ----------------------------------------------------------------------------------------------------------
+# ---- Data are what their name says: MNIST and Fashion-MNIST share file names, their contents tell them apart ----
 
 def _gz(stem):  # the Debian files are gzipped; a PURRCEPTION_FASHION_MNIST copy may not be
     return re.escape(stem) + r"(\.gz)?"

@@ -13,9 +13,7 @@ import evaluate
 from conftest import FASHION_MNIST, fake_mnist, fill_the_disk, one_line_error, run_cli
 from support import datasets, lenet, metrics, tokenizers
 
-# ----------------------------------------------------------------------------------------------------------
-# Frechet distance and coverage on exact answers
-# ----------------------------------------------------------------------------------------------------------
+# ---- Frechet distance and coverage on exact answers ------------------------------------------------------
 
 def _random_covariance(rng, d):
     a = rng.normal(size=(d, 2 * d))
@@ -60,9 +58,7 @@ def test_coverage_counts_the_real_balls_that_hold_a_sample():
         metrics.coverage(real, real)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The classifier and its cache
-# ----------------------------------------------------------------------------------------------------------
+# ---- The classifier and its cache ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
@@ -119,9 +115,7 @@ def test_default_classifier_path_honours_xdg_cache_home(monkeypatch):
     assert lenet.default_classifier_path("fashion-mnist") == expected
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics of real and degenerate image sets
-# ----------------------------------------------------------------------------------------------------------
+# ---- Metrics of real and degenerate image sets -----------------------------------------------------------
 
 def test_the_test_split_against_itself(classifier, test_split):
     path, info = classifier
@@ -199,9 +193,7 @@ def test_bad_images_are_value_errors(images, labels, message):
         evaluate.evaluate_images(images, labels, "fashion-mnist", FASHION_MNIST)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The tokenizer ceiling, with stand-in tokenizers
-# ----------------------------------------------------------------------------------------------------------
+# ---- The tokenizer ceiling, with stand-in tokenizers -----------------------------------------------------
 
 class IdentityTokenizer:
     """Codes are the images themselves: its reconstructions are exact."""
@@ -233,9 +225,7 @@ def test_reference_of_an_exact_tokenizer_is_the_test_split(classifier):
     assert m["reference"] == "VQ reconstructions of the test split" and m["num_samples"] == 10000
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------------------
 
 def _write_samples(path, images, labels=None, key="arr_0"):
     extra = {} if labels is None else dict(labels=labels)
@@ -392,9 +382,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_metrics(classifier, test_spl
     assert (tmp_path / "metrics.json").read_text() == '{"fid": 1.0}\n' and not list(tmp_path.glob("*.tmp"))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The data a classifier and samples come from
-# ----------------------------------------------------------------------------------------------------------
+# ---- The data a classifier and samples come from ---------------------------------------------------------
 
 def _changed_record(classifier, path, **changes):
     """A copy of the module's classifier file at `path` with some entries changed (None: removed)."""

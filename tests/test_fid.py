@@ -14,9 +14,7 @@ import fid
 from conftest import one_line_error
 from support import inception, metrics
 
-# ----------------------------------------------------------------------------------------------------------
-# Exact answers
-# ----------------------------------------------------------------------------------------------------------
+# ---- Exact answers ---------------------------------------------------------------------------------------
 
 def test_fid_of_a_sample_set_against_its_own_statistics_is_zero():
     rng = np.random.default_rng(0)
@@ -34,9 +32,7 @@ def test_inception_score_counts_confident_distinct_classes():
     assert fid.inception_score(confident[:3])[1] == pytest.approx(0)  # 3 splits of one image: IS 1 each
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The network: the published weights' layout, TensorFlow's pools, pytorch-fid's resize
-# ----------------------------------------------------------------------------------------------------------
+# ---- The network: the published weights' layout, TensorFlow's pools, pytorch-fid's resize ----------------
 
 # Shapes of the published weights (pytorch-fid loads them strictly into torchvision's Inception3 with
 # num_classes=1008 and aux_logits=False; the shapes from torchvision/models/inception.py's layer definitions)
@@ -128,9 +124,7 @@ def test_preprocess_is_pytorch_fids_bilinear_resize_to_minus_one_one():
     torch.testing.assert_close(extremes, torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1).expand(2, 3, 299, 299))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# fid.py end to end, on random weights
-# ----------------------------------------------------------------------------------------------------------
+# ---- fid.py end to end, on random weights ----------------------------------------------------------------
 
 def random_images(rng, n):
     """Noise around a random colour per image, so that the images' features differ."""

@@ -36,10 +36,9 @@ class CallsAFunction:
         return os.getcwd, ()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The published checkpoint's layout, written from latent-diffusion's models/first_stage_models/vq-f8/config.yaml
-# and taming's model.py / quantize.py (ldm/modules/diffusionmodules/model.py is the same code)
-# ----------------------------------------------------------------------------------------------------------
+# ---- The published checkpoint's layout -------------------------------------------------------------------
+# Written from latent-diffusion's models/first_stage_models/vq-f8/config.yaml and taming's model.py / quantize.py
+# (ldm/modules/diffusionmodules/model.py is the same code).
 # VQModel(ddconfig, n_embed=16384, embed_dim=4): Encoder(**ddconfig), Decoder(**ddconfig), VectorQuantizer2
 # (embedding 16384 x 4, remap None: no "used" buffer), quant_conv / post_quant_conv 1 x 1 between z_channels 4 and
 # embed_dim 4. ddconfig: ch 128, ch_mult [1, 2, 2, 4], num_res_blocks 2, attn_resolutions [32], resolution 256,
@@ -164,9 +163,7 @@ def ckpt(model, tmp_path_factory):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Architecture, encode, decode, the lookup
-# ----------------------------------------------------------------------------------------------------------
+# ---- Architecture, encode, decode, the lookup ------------------------------------------------------------
 
 def test_state_dict_matches_published_layout():
     with torch.device("meta"):
@@ -220,9 +217,7 @@ def test_the_nearest_code_is_not_the_best_aligned():
     assert quantizer.lookup(z).tolist() == [0, 1, 2]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# load_ldm
-# ----------------------------------------------------------------------------------------------------------
+# ---- load_ldm --------------------------------------------------------------------------------------------
 
 def test_a_lightning_checkpoint_round_trips(model, images, ckpt):
     loaded = load_ldm(NAME, str(ckpt))
@@ -301,9 +296,7 @@ def test_a_wrong_checkpoint_is_one_line_naming_it(tmp_path, change):
     assert error.match(WRONG_CHECKPOINTS[change].format(path=path))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# tokenizer.py encode --tokenizer ldm-vq8, then train.py and sample.py through the code set's record
-# ----------------------------------------------------------------------------------------------------------
+# ---- tokenizer.py encode --tokenizer ldm-vq8, then train.py and sample.py through the code set's record ----
 
 def test_encode_an_imagefolder_tree_then_sample_through_the_record(model, ckpt, tmp_path):
     rng = np.random.default_rng(0)

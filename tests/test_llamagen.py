@@ -45,9 +45,7 @@ def vq16_ckpt(models, tmp_path_factory):
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The published checkpoints' layout, written from LlamaGen's tokenizer/tokenizer_image/vq_model.py
-# ----------------------------------------------------------------------------------------------------------
+# ---- The published checkpoints' layout, written from LlamaGen's tokenizer/tokenizer_image/vq_model.py ----
 # VQ_16 and VQ_8 there are VQModel(ModelArgs(encoder_ch_mult=decoder_ch_mult=...)) with ch 128, 2 res blocks a
 # level, z_channels 256 and a 16384 x 8 codebook; `codebook_show_usage` registers quantize.codebook_used, 65536
 # floats. vq_ds16_c2i.pt and vq_ds8_c2i.pt hold VQModel.state_dict() under "model".
@@ -129,9 +127,7 @@ def published_shapes(name):
     return shapes
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Architecture against the published checkpoint's layout
-# ----------------------------------------------------------------------------------------------------------
+# ---- Architecture against the published checkpoint's layout ----------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_matches_published_layout(name):
@@ -156,9 +152,7 @@ def test_parameter_count_matches_published_table(name):
     assert abs(count - PUBLISHED_PARAMS[name]) < 0.05 * PUBLISHED_PARAMS[name]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Encode, decode and the lookup
-# ----------------------------------------------------------------------------------------------------------
+# ---- Encode, decode and the lookup -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_decode_shapes_and_range(models, images, name):
@@ -209,9 +203,7 @@ def test_bad_shapes_are_refused(models):
         model.decode(torch.zeros(4, 4, dtype=torch.long))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# load_llamagen
-# ----------------------------------------------------------------------------------------------------------
+# ---- load_llamagen ---------------------------------------------------------------------------------------
 
 def test_load_round_trips_to_identical_outputs(models, images, vq16_ckpt):
     source = models["llamagen-vq16"]

@@ -43,9 +43,7 @@ ANIMATED = ("oracle", "purrception")  # the flows whose posterior flow.gif shows
 ANIMATED_POINTS = 400
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The network: an MLP over all tokens of z_t (for DFM, of x_t's tokens, masked or revealed)
-# ----------------------------------------------------------------------------------------------------------
+# ---- The network: an MLP over all tokens of z_t (for DFM, of x_t's tokens, masked or revealed) -----------
 
 class ToyMLP(nn.Module):
     """model(x, t, y) -> (B, N, out_dim). x: (B, N, d) float, or (B, N) long when input_vocab is set (DFM: each
@@ -71,9 +69,7 @@ class ToyMLP(nn.Module):
         return self.net(h).view(-1, self.num_tokens, self.out_dim)  # (B, N, out_dim)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Train
-# ----------------------------------------------------------------------------------------------------------
+# ---- Train -----------------------------------------------------------------------------------------------
 
 def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, init=None, couplings=None, on_step=None,
           progress=None):
@@ -108,9 +104,7 @@ def draw_batch(toy, batch_size, generator, couplings=None):
     return couplings[0][i], couplings[1][i]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sample and measure
-# ----------------------------------------------------------------------------------------------------------
+# ---- Sample and measure ----------------------------------------------------------------------------------
 
 def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperature=1.0, callback=None,
            couplings=False):
@@ -193,9 +187,7 @@ def run_method(toy, method, iters, seed, num_samples=20000, steps=100, log=print
     return metrics, model, objective, codes
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Figures: what they show is computed here, toy/figures.py draws it
-# ----------------------------------------------------------------------------------------------------------
+# ---- Figures: what they show is computed here, toy/figures.py draws it -----------------------------------
 
 def pictures(toy, results, seed, steps, n=4000):
     """{file name: its writer} for samples.png, posterior.png and temperature.png (n samples a temperature)."""
@@ -222,9 +214,7 @@ def animation(toy, results, seed, steps):
                                                     seed, steps)[:3] for name in ANIMATED if name in results})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],

@@ -22,9 +22,7 @@ from support.cli import UserError, make_dir, user_errors
 SAMPLE_BATCH = sample.BATCH_SIZE  # sample i gets the same noise as `sample.py --seed S`
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Outputs: a markdown table, a JSON record, figures
-# ----------------------------------------------------------------------------------------------------------
+# ---- Outputs: a markdown table, a JSON record, figures ---------------------------------------------------
 
 def clock():
     """(wall seconds, CPU seconds of this process over all its threads): on a shared machine the second is the
@@ -143,9 +141,7 @@ def figure_tv_vs_nfe(b, rows, exact, colors, title):
     return files.figure(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Trained flows: loading, sampling, scoring
-# ----------------------------------------------------------------------------------------------------------
+# ---- Trained flows: loading, sampling, scoring -----------------------------------------------------------
 
 RUN_SETTINGS = ("codes", "init", "steps", "batch_size", "lr", "warmup_steps", "lr_final", "ema_decay", "ema_warmup",
                 "keep_every")

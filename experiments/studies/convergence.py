@@ -72,9 +72,7 @@ def toy_output_name(args):
     return "convergence-toy" + ("" if args.schedule == "one-run" else "-per-budget")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The 2D toys
-# ----------------------------------------------------------------------------------------------------------
+# ---- The 2D toys -----------------------------------------------------------------------------------------
 
 def on_toys(args):
     """Every objective on every toy, scored at each of the budget's iteration counts.
@@ -188,9 +186,7 @@ def figure_toys(args, b, rows, reference):
     return files.figure(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Images through a VQ code set
-# ----------------------------------------------------------------------------------------------------------
+# ---- Images through a VQ code set ------------------------------------------------------------------------
 
 def on_codes(args):
     """The four objectives trained by train.py on one code set with the same settings, scored at kept checkpoints."""

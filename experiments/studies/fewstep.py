@@ -60,9 +60,7 @@ def run(args):
     return on_codes(args)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The 2D toys
-# ----------------------------------------------------------------------------------------------------------
+# ---- The 2D toys -----------------------------------------------------------------------------------------
 
 def on_toys(args):
     """Oracle, teacher and student at each NFE and solver on each toy."""
@@ -120,9 +118,7 @@ def figure_toys(b, rows, exact):
                             "teacher and reflow student")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Images: a teacher checkpoint, its couplings, its student
-# ----------------------------------------------------------------------------------------------------------
+# ---- Images: a teacher checkpoint, its couplings, its student --------------------------------------------
 
 def on_codes(args):
     """Couplings from --ckpt, a student trained on them by train.py, both scored at few NFE with and without

@@ -53,9 +53,7 @@ def run(args):
     return on_toys(args) if args.data == "toy" else on_codes(args)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The 2D toys
-# ----------------------------------------------------------------------------------------------------------
+# ---- The 2D toys -----------------------------------------------------------------------------------------
 
 def on_toys(args):
     """Euler, Heun and midpoint on the exact posterior and on a trained Purrception MLP; DFM at the same NFE.
@@ -113,9 +111,7 @@ def figure_toys(b, rows, exact):
                             "quality vs NFE")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Images through trained checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# ---- Images through trained checkpoints ------------------------------------------------------------------
 
 def on_codes(args):
     """Quality and seconds per sample vs NFE for a Purrception checkpoint's solvers and a DFM checkpoint."""
