@@ -29,8 +29,8 @@ import baselines
 import vfm
 from support import codesets, config, distributed, files, images
 from support.checkpoint import Flow
-from support.cli import UserError, check_finite, check_output_files, check_positive, check_seed
-from support.cli import make_dir, refuse_overwrite, run_command, user_errors
+from support.cli import UserError, check_finite, check_output_files, check_positive, check_seed, make_dir
+from support.cli import parse_classes, refuse_overwrite, run_command, user_errors
 from support.config import flag
 
 BATCH_SIZE = 250  # sample.py's default batch: sample i is drawn from the noise of batch i // 250
@@ -50,19 +50,6 @@ def sample_labels(n, num_classes, classes=None):
     if classes:
         return np.asarray(classes, dtype=np.int64)[np.arange(n) % len(classes)]
     return np.arange(n) % num_classes if num_classes else np.zeros(n, dtype=np.int64)
-
-
-def parse_classes(spec):
-    """'1,5,207' -> [1, 5, 207]; None -> None (every class)."""
-    if spec is None:
-        return None
-    try:
-        classes = [int(c) for c in str(spec).split(",")]
-    except ValueError:
-        classes = []
-    if not classes or min(classes) < 0:
-        raise UserError(f"--classes {spec}: expected class indices separated by commas, such as 1,5,207")
-    return classes
 
 
 @torch.no_grad()
@@ -161,7 +148,7 @@ def sample(args):
 def _sample(args, rank, world, device):
     with user_errors():
         flow = Flow(args.ckpt, device, use_ema=not args.no_ema, tokenizer=args.tokenizer,
-                          tokenizer_ckpt=args.tokenizer_ckpt)
+                    tokenizer_ckpt=args.tokenizer_ckpt)
     if flow.name == "dfm" and args.solver != "euler":
         raise UserError(f"{args.ckpt}: a DFM model samples with its discrete Euler step only, not --solver "
                         f"{args.solver}")

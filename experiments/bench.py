@@ -35,6 +35,7 @@ import train
 from dit import FREQUENCY_DIM, DiT_models, build_dit
 from support import distributed, files
 from support.cli import ArgumentParser, UserError, check_non_negative, check_positive, check_seed, make_dir, run_command
+from support.loss_by_t import LossByT
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (name fragment, bf16, tf32), first match wins.
 PEAK_TFLOPS = [
@@ -115,7 +116,7 @@ def time_training(name, dtype, compiled, args, device):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     codes = torch.randint(K, (B, G, G), device=device)
     y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
-    loss_by_t = train.LossByT(device)
+    loss_by_t = LossByT(device)
 
     def step():
         train.train_step(model, raw_model, ema, objective, opt, scaler, autocast, [(codes, y, None)], lr=1e-4,

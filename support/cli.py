@@ -129,6 +129,19 @@ def check_seed(args, name="seed"):
         raise UserError(f"{_flag(name)} {value}: expected an integer in [0, 2^32)")
 
 
+def parse_classes(spec):
+    """'1,5,207' -> [1, 5, 207]; None -> None (every class)."""
+    if spec is None:
+        return None
+    try:
+        classes = [int(c) for c in str(spec).split(",")]
+    except ValueError:
+        classes = []
+    if not classes or min(classes) < 0:
+        raise UserError(f"--classes {spec}: expected class indices separated by commas, such as 1,5,207")
+    return classes
+
+
 def check_fraction(args, *names):
     """--name must lie in [0, 1]."""
     for name in names:

@@ -211,7 +211,11 @@ def test_ddp_two_gloo_processes_killed_then_resumed(codes_dir, tmp_path):
     assert_same_state(full, resumed)
 
 
-def test_compiled_bf16_run_with_every_optimisation_flag(codes_dir, tmp_path):
+def test_compiled_bf16_run_with_every_optimisation_flag(codes_dir, tmp_path, monkeypatch):
+    # AOTAutograd traces the forward and backward graphs as inductor would, without its C++ code generation
+    # (half a minute on a CPU); the GPU check runs inductor itself (experiments/gpu_check.sh).
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))
     run = tmp_path / "run"
     train.main(["--codes", str(codes_dir), "--out", str(run), "--steps", "2", *SMALL, "--compile",
                 "--precision", "bf16", "--warmup-steps", "10", "--weight-decay", "0.01", "--grad-clip", "0.5",
