@@ -27,13 +27,17 @@ def flag(default, help, **argparse_kw):
 
 
 def add_flags(parser, settings_class):
-    """One flag per field of a settings dataclass: a bool is a switch (store_true); the others take a value of
-    their default's type unless the field says otherwise."""
+    """One flag per field of a settings dataclass: a bool is a switch with its opposite, so that the command line
+    can undo a preset's (--compile and --no-compile; --no-flip and --flip); the others take a value of their
+    default's type unless the field says otherwise."""
     for field in dataclasses.fields(settings_class):
         kw = dict(field.metadata)
         name = "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):
+            opposite = "--" + name[5:] if name.startswith("--no-") else "--no-" + name[2:]
             parser.add_argument(name, action="store_true", default=field.default, **kw)
+            parser.add_argument(opposite, dest=field.name, action="store_false", default=field.default,
+                                help=f"undo {name} (where a preset sets it)")
             continue
         if "type" not in kw and field.default is not None and not isinstance(field.default, str):
             kw["type"] = type(field.default)

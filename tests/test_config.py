@@ -31,6 +31,16 @@ def test_the_fmnist_preset_is_the_tier_2_recipe_and_flags_override_it():
     assert sample.parse_args(["--config", "mnist", "--ckpt", "K", "--out", "O"]).cfg_scale == 1.5
 
 
+def test_a_switch_a_preset_turns_on_can_be_turned_off():
+    xl = config.parse(train.Settings, RUN + ["--config", "in256-xl2"], "train", "")
+    assert xl.compile and not config.parse(train.Settings, RUN + ["--config", "in256-xl2", "--no-compile"], "train",
+                                           "").compile
+    off = config.parse(train.Settings, RUN + ["--config", "fmnist", "--no-ema-warmup"], "train", "")
+    assert not off.ema_warmup and off.lr == 4e-3
+    assert config.parse(train.Settings, RUN + ["--no-flip", "--flip"], "train", "").no_flip is False  # the last wins
+    assert sample.parse_args(["--ckpt", "K", "--out", "O", "--no-ema"]).no_ema
+
+
 def test_a_preset_sets_flags_that_are_otherwise_required():
     args = tokenizer.parse_args(["train", "--config", "mnist", "--data-dir", "D", "--out", "O"])
     assert (args.dataset, args.steps, args.lr) == ("mnist", 800, 4e-3)
