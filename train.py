@@ -34,8 +34,8 @@ import baselines
 import vfm
 from dit import TIME_SCALE, DiT_models
 from support import checkpoint, config, distributed, files, images, tokenizers
-from support.cli import UserError, check_fraction, check_non_negative, check_positive, check_seed, make_dir
-from support.cli import check_output_files, run_command, user_errors
+from support.cli import UserError, check_fraction, check_non_negative, check_positive, check_seed, run_command
+from support.cli import user_errors
 from support.codesets import Batches, CodeSet
 from support.config import flag
 from support.loss_by_t import LossByT
@@ -111,17 +111,29 @@ def update_ema(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
-def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr, grad_clip, ema_decay,
-               loss_by_t=None, step=0):
+@dataclasses.dataclass
+class Trainee:
+    """What a training step runs and updates: `model` is what runs (compiled and/or DDP-wrapped), `raw_model` the
+    module under it (what the EMA follows and checkpoints save), `scaler` fp16's loss scaler, `autocast` the
+    precision's context."""
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+
+
+def train_step(trainee, objective, micro_batches, *, lr, grad_clip, ema_decay, loss_by_t=None, step=0):
     """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and
-    backward each, clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping.
-    model is what runs (compiled and/or DDP-wrapped), raw_model the module under it (what the EMA follows)."""
+    backward each, clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping."""
+    model, raw_model, opt, scaler = trainee.model, trainee.raw_model, trainee.opt, trainee.scaler
     for group in opt.param_groups:
         group["lr"] = lr
     for i, (codes, labels, z0) in enumerate(micro_batches):
         # DDP all-reduces the gradients in every backward; the micro-batches before the last only accumulate.
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), autocast:
+        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), trainee.autocast:
             loss, per_sample, t = objective.loss(model, codes, labels, z0=z0)
         # fp16 gradients underflow: the GradScaler scales the loss before backward and unscales the gradients
         # after. It is a pass-through in fp32 and bf16.
@@ -133,7 +145,7 @@ def train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_ba
     scaler.step(opt)  # skipped by the scaler when an fp16 gradient overflowed
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    update_ema(ema, raw_model, ema_decay)
+    update_ema(trainee.ema, raw_model, ema_decay)
     return grad_norm
 
 
@@ -163,14 +175,7 @@ def save_preview(ema, objective, codes, path, device, seed):
 def train(s):
     """Train the run that settings `s` describe (a Settings record)."""
     check(s)
-    for sub in ("", "checkpoints", "samples"):
-        make_dir(os.path.join(s.out, sub))
-    check_output_files(s.out, "log.jsonl", "settings.json")
-    check_output_files(os.path.join(s.out, "checkpoints"), "last.pt", "last.pt.tmp")
-    log_path, ckpt_path = os.path.join(s.out, "log.jsonl"), os.path.join(s.out, "checkpoints", "last.pt")
-    if os.path.isfile(log_path) and os.path.getsize(log_path) and not s.resume and not os.path.exists(ckpt_path):
-        raise UserError(f"{log_path} exists (a run that stopped before its first checkpoint): pass --resume to "
-                        f"start it again, or choose another --out")
+    log_path, ckpt_path = checkpoint.prepare_run_dir(s.out, s.resume)
     with distributed.processes() as (rank, world, device):
         _train(s, rank, world, device, log_path, ckpt_path)
 
@@ -211,6 +216,7 @@ def _train(s, rank, world, device, log_path, ckpt_path):
     model = torch.compile(raw_model) if s.compile else raw_model  # checkpoints save raw_model: no prefixes
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainee = Trainee(model, raw_model, ema, opt, scaler, autocast)
     if rank == 0:
         describe_run(s, raw_model, codes, world, device, precision, local_batch, step)
         if step >= s.steps:
@@ -238,8 +244,8 @@ def _train(s, rank, world, device, log_path, ckpt_path):
                 micro_batches = [(c.to(device, non_blocking=True), y.to(device, non_blocking=True) if labels else None,
                                   None if z0 is None else z0.to(device, non_blocking=True))
                                  for c, y, z0 in (batches.next() for _ in range(s.grad_accum))]
-            grad_norm = train_step(model, raw_model, ema, objective, opt, scaler, autocast, micro_batches, lr,
-                                   s.grad_clip, ema_decay, loss_by_t, step)
+            grad_norm = train_step(trainee, objective, micro_batches, lr=lr, grad_clip=s.grad_clip,
+                                   ema_decay=ema_decay, loss_by_t=loss_by_t, step=step)
             step += 1
             bar.update(1)
             if not scaler.is_enabled():  # with fp16 loss scaling, an overflowing step is skipped, not a fault

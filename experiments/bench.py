@@ -118,9 +118,11 @@ def time_training(name, dtype, compiled, args, device):
     y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
     loss_by_t = LossByT(device)
 
+    trainee = train.Trainee(model, raw_model, ema, opt, scaler, autocast)
+
     def step():
-        train.train_step(model, raw_model, ema, objective, opt, scaler, autocast, [(codes, y, None)], lr=1e-4,
-                         grad_clip=1.0, ema_decay=0.9999, loss_by_t=loss_by_t)
+        train.train_step(trainee, objective, [(codes, y, None)], lr=1e-4, grad_clip=1.0, ema_decay=0.9999,
+                         loss_by_t=loss_by_t)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,6 +1,6 @@
 """
-A training run's checkpoint: what it holds, writing and restoring it, the checks that it fits a run, and a
-trained flow loaded from it to sample from.
+A training run's checkpoint: what it holds, the run directory it is written in, writing and restoring it, the
+checks that it fits a run, and a trained flow loaded from it to sample from.
 
     RUN/checkpoints/last.pt = {format, model, ema, opt, scaler, step, settings, codebook, codes_meta, data, rng}
     RUN/checkpoints/step-NNNNNNN.pt = {format (EMA_FORMAT), ema, step, settings, codebook, codes_meta}
@@ -23,7 +23,7 @@ import torch.distributed as dist
 import baselines
 from dit import build_dit
 from support import distributed, files, tokenizers
-from support.cli import UserError, user_errors
+from support.cli import UserError, check_output_files, make_dir, user_errors
 
 FORMAT = "purrception-flow/1"
 KEYS = ("model", "ema", "opt", "scaler", "step", "settings", "codebook", "codes_meta", "data", "rng")
@@ -139,6 +139,20 @@ def check_fits(ckpt, path, where, settings, codes, keys):
         if ckpt["settings"][key] != getattr(settings, key):
             raise UserError(f"{where}: trained with --{key.replace('_', '-')} {ckpt['settings'][key]}, not "
                             f"{getattr(settings, key)}")
+
+
+def prepare_run_dir(out, resume):
+    """(OUT/log.jsonl, OUT/checkpoints/last.pt) of a run directory made ready to write: refuses files it cannot
+    write, and the log of a run that stopped before its first checkpoint unless it is resumed."""
+    for sub in ("", "checkpoints", "samples"):
+        make_dir(os.path.join(out, sub))
+    check_output_files(out, "log.jsonl", "settings.json")
+    check_output_files(os.path.join(out, "checkpoints"), "last.pt", "last.pt.tmp")
+    log_path, ckpt_path = os.path.join(out, "log.jsonl"), os.path.join(out, "checkpoints", "last.pt")
+    if os.path.isfile(log_path) and os.path.getsize(log_path) and not resume and not os.path.exists(ckpt_path):
+        raise UserError(f"{log_path} exists (a run that stopped before its first checkpoint): pass --resume to "
+                        f"start it again, or choose another --out")
+    return log_path, ckpt_path
 
 
 def resume_point(settings, codes, path, rank, world):
