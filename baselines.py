@@ -105,7 +105,7 @@ class DFM(vfm.Objective):
         return [(ts[i], ts[i + 1] - ts[i]) for i in range(steps)]
 
     @torch.no_grad()
-    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+    def sample(self, model, shape, *, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
                generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None, sampler="reveal"):
         """As Objective.sample; sampler: "reveal" or "redraw" (the class's docstring). The logits are guided,
         softmaxed and drawn from a chunk of positions at a time (vfm.CHUNK); a callback sees them whole."""

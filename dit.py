@@ -196,7 +196,7 @@ class DiT(nn.Module):
         returns (B, H, W, out_dim) float.
     """
 
-    def __init__(self, grid_size: int, in_dim: int | None, out_dim: int, num_classes: int,
+    def __init__(self, grid_size: int, in_dim: int | None, out_dim: int, num_classes: int, *,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, input_vocab: int | None = None, time_scale: float = TIME_SCALE):
         super().__init__()

@@ -53,8 +53,8 @@ def sample_labels(n, num_classes, classes=None):
 
 
 @torch.no_grad()
-def generate(flow, labels, seed, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0, cfg_interval=(0.0, 1.0),
-             couplings=False, precision="fp32", dfm_sampler="reveal"):
+def generate(flow, labels, seed, *, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+             cfg_interval=(0.0, 1.0), couplings=False, precision="fp32", dfm_sampler="reveal"):
     """Images uint8 (B, H, W, C) of a Flow (support/checkpoint.py) for labels (B,), from the noise of a generator
     seeded with `seed`. couplings=True: (images, codes (B, *S), noise z0 (B, *S, d)), with the grids they decode
     and the noise the sampler started from (a continuous flow only). precision: the network's ("fp32", "bf16" or

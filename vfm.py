@@ -275,7 +275,7 @@ class Objective:
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+    def sample(self, model, shape, *, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
                generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
         """Generate code grids of shape (B, *S). callback(t, z, out) sees every network evaluation; guidance acts
         at the evaluations with t in cfg_interval; z0 (B, *S, d): the noise to start from (drawn from generator
@@ -350,7 +350,7 @@ class ContinuousFlow(Objective):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, model, shape, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
+    def sample(self, model, shape, *, y=None, steps=100, solver="euler", temperature=1.0, cfg_scale=1.0,
                generator=None, callback=None, cfg_interval=(0.0, 1.0), z0=None):
         tau = parse_temperature(temperature)
         z = self.noise(shape, generator) if z0 is None else z0  # (B, *S, d): z0 ~ N(0, I)

@@ -65,12 +65,12 @@ def drawn_by(monkeypatch, study_module):
     """The images of every draw a study makes, in the order of its rows."""
     drawn = []
 
-    def draw(*args, **kw):
-        images, labels, seconds = common.draw(*args, **kw)
+    def timed_draw(*args, **kw):
+        images, labels, seconds = common.timed_draw(*args, **kw)
         drawn.append(images)
         return images, labels, seconds
 
-    monkeypatch.setattr(study_module, "draw", draw)
+    monkeypatch.setattr(study_module, "timed_draw", timed_draw)
     return drawn
 
 
@@ -191,7 +191,8 @@ def test_draws_are_those_of_sample_py(flow_ckpts, tmp_path):
     """Two batches of 250, labels cycled, EMA weights: sample i is sample.py's sample i."""
     settings = {"purrception": dict(solver="heun", temperature="0.5", cfg_scale=1.5), "dfm": {}}
     for name, ckpt in flow_ckpts.items():
-        images, labels, _ = common.draw(common.load_flow(str(ckpt), (name,), "test"), 260, 2, 3, **settings[name])
+        images, labels, _ = common.timed_draw(common.load_flow(str(ckpt), (name,), "test"), 260, 3, steps=2,
+                                            **settings[name])
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings[name].items()]
         expected, expected_labels = sample_py(ckpt, tmp_path / name, "--num-samples", 260, "--steps", 2,
                                               "--seed", 3, *flags)
@@ -526,7 +527,7 @@ def bad(flow_ckpts, tmp_path_factory):
 def test_bad_input_is_one_line(flow_ckpts, codes_dir, tokenizer_run, classifier, bad, tmp_path, monkeypatch, capsys,
                                argv, message):
     for module in (convergence, temperature, solvers):
-        monkeypatch.setattr(module, "draw", lambda *a, **k: pytest.fail("sampled before checking the input"))
+        monkeypatch.setattr(module, "timed_draw", lambda *a, **k: pytest.fail("sampled before checking the input"))
     monkeypatch.setattr(common.train, "train", lambda *a, **k: pytest.fail("trained before checking the input"))
     monkeypatch.setattr(lenet, "train_classifier", lambda *a, **k: pytest.fail("trained a classifier first"))
     names = dict(codes=codes_dir, bad=bad, tokenizer=tokenizer_run / "tokenizer.pt", classifier=classifier,

@@ -71,7 +71,7 @@ class ToyMLP(nn.Module):
 
 # ---- Train -----------------------------------------------------------------------------------------------
 
-def train(toy, objective, iters, seed, batch_size=512, lr=4e-3, init=None, couplings=None, on_step=None,
+def train(toy, objective, iters, seed, *, batch_size=512, lr=4e-3, init=None, couplings=None, on_step=None,
           progress=None):
     """A ToyMLP trained for `iters` AdamW steps on batches of the toy, the rate warmed up linearly over the first
     5% and decayed to zero on a cosine (support/schedule.py). init: a ToyMLP to start from (a copy is trained).
@@ -106,7 +106,7 @@ def draw_batch(toy, batch_size, generator, couplings=None):
 
 # ---- Sample and measure ----------------------------------------------------------------------------------
 
-def sample(toy, objective, model, n, seed, steps=100, solver="euler", temperature=1.0, callback=None,
+def sample(toy, objective, model, n, seed, *, steps=100, solver="euler", temperature=1.0, callback=None,
            couplings=False):
     """n samples (n, N) of code indices; couplings=True: (codes, the noise z0 (n, N, d) each started from)."""
     g = torch.Generator().manual_seed(seed + 1)

@@ -194,12 +194,11 @@ def load_flow(path, objectives, role):
     return flow
 
 
-def draw(flow, n, steps, seed, solver="euler", temperature="1.0", cfg_scale=1.0, cfg_interval=(0.0, 1.0)):
-    """(images uint8 (n, H, W, C), labels (n,), seconds): the n samples `python sample.py --seed SEED` draws
-    (labels 0, 1, ..., 9, 0, ... and batches of 250, batch b seeded with sample.batch_seed(SEED, b))."""
+def timed_draw(flow, n, seed, **settings):
+    """(images uint8 (n, H, W, C), labels (n,), seconds): sample.draw's n samples, those `python sample.py --seed
+    SEED` draws with these settings (steps, solver, temperature, cfg_scale, cfg_interval), and how long they took."""
     start = time.time()
-    images, labels = sample.draw(flow, n, seed=seed, steps=steps, solver=solver, temperature=temperature,
-                                 cfg_scale=cfg_scale, cfg_interval=tuple(cfg_interval))
+    images, labels = sample.draw(flow, n, seed=seed, **settings)
     return images, labels, time.time() - start
 
 

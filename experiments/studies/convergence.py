@@ -16,8 +16,9 @@ import torch
 
 import baselines
 import train
-from experiments.studies.common import (clock, draw, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
-                                        need_scoring, pyplot, refuse_to_replace, score, train_settings, write_outputs)
+from experiments.studies.common import (clock, figure_metrics_vs, load_flow, log_ticks, log_y, mean_spread, need,
+                                        need_scoring, pyplot, refuse_to_replace, score, timed_draw, train_settings,
+                                        write_outputs)
 from support import config, files, images, lenet, tokenizers
 from support.cli import UserError, user_errors
 from support.codesets import CodeSet
@@ -267,7 +268,7 @@ def score_checkpoint(path, objective, step, b, dataset, args):
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: scored again
         pass
     flow = load_flow(path, baselines.OBJECTIVES, "convergence")
-    samples, labels, seconds = draw(flow, b["num_samples"], b["steps"], args.seed)
+    samples, labels, seconds = timed_draw(flow, b["num_samples"], args.seed, steps=b["steps"])
     row = dict(objective=objective, step=step, sample_seconds=round(seconds, 1),
                **score(samples, labels, dataset, args))
     files.write_json(cache, dict(key=key, row=row))

@@ -19,9 +19,9 @@ import baselines
 import sample
 import train
 import vfm
-from experiments.studies.common import (SAMPLE_BATCH, clock, draw, figure_tv_vs_nfe, load_flow, log_ticks, log_y,
+from experiments.studies.common import (SAMPLE_BATCH, clock, figure_tv_vs_nfe, load_flow, log_ticks, log_y,
                                         metric_panels, need, need_scoring, pyplot, refuse_to_replace, score,
-                                        train_settings, write_outputs)
+                                        timed_draw, train_settings, write_outputs)
 from experiments.studies.solvers import steps_for_nfe
 from support import config, files
 from support.cli import UserError, user_errors
@@ -166,7 +166,8 @@ def on_codes(args):
     rows = []
 
     def add(model, flow, solver, steps, cfg, target):
-        images, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver, cfg_scale=cfg)
+        images, labels, seconds = timed_draw(flow, b["num_samples"], args.seed, steps=steps, solver=solver,
+                                             cfg_scale=cfg)
         rows.append(dict(model=model, solver=solver, cfg_scale=cfg, nfe_target=target, steps=steps,
                          nfe=vfm.num_evaluations(steps, solver),
                          passes=vfm.guided_evaluations(steps, solver, cfg, guidable=flow.num_classes > 0),

@@ -8,8 +8,8 @@ import os
 
 import baselines
 import vfm
-from experiments.studies.common import (clock, draw, load_flow, need, need_scoring, pyplot, refuse_to_replace, score,
-                                        write_outputs)
+from experiments.studies.common import (clock, load_flow, need, need_scoring, pyplot, refuse_to_replace, score,
+                                        timed_draw, write_outputs)
 from support import files
 from support.cli import UserError
 
@@ -33,8 +33,8 @@ def run(args):
     solver, steps = ("euler", 2 * b["steps"]) if flow.name == "dfm" else ("midpoint", b["steps"])
     rows = []
     for cfg, window in [(1.0, (0, 1))] + [(b["cfg_scale"], w) for w in b["windows"]]:
-        images, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver, cfg_scale=cfg,
-                                       cfg_interval=window)
+        images, labels, seconds = timed_draw(flow, b["num_samples"], args.seed, steps=steps, solver=solver,
+                                             cfg_scale=cfg, cfg_interval=window)
         rows.append(dict(cfg_scale=cfg, window=list(window), passes=vfm.guided_evaluations(steps, solver, cfg, window),
                          seconds=round(seconds, 1), **score(images, labels, flow.dataset, args)))
         r = rows[-1]

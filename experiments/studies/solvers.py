@@ -13,8 +13,8 @@ import torch
 
 import baselines
 import vfm
-from experiments.studies.common import (SAMPLE_BATCH, clock, draw, figure_metrics_vs, figure_tv_vs_nfe, load_flow, need,
-                                        need_scoring, refuse_to_replace, score, write_outputs)
+from experiments.studies.common import (SAMPLE_BATCH, clock, figure_metrics_vs, figure_tv_vs_nfe, load_flow, need,
+                                        need_scoring, refuse_to_replace, score, timed_draw, write_outputs)
 from support import files
 from support.cli import UserError
 from toy import run as toy_run
@@ -129,7 +129,7 @@ def on_codes(args):
         for label, solver in solvers_of(flow.name):
             for target in b["nfe"]:
                 steps = steps_for_nfe(target, solver)
-                samples, labels, seconds = draw(flow, b["num_samples"], steps, args.seed, solver=solver)
+                samples, labels, seconds = timed_draw(flow, b["num_samples"], args.seed, steps=steps, solver=solver)
                 rows.append(dict(model=flow.name, solver=label, nfe_target=target, steps=steps,
                                  nfe=vfm.num_evaluations(steps, solver),
                                  seconds_per_sample=round(seconds / b["num_samples"], 5),

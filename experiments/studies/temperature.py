@@ -11,8 +11,8 @@ import os
 import numpy as np
 
 import vfm
-from experiments.studies.common import (clock, draw, load_flow, log_y, metric_panels, need, need_scoring, pyplot,
-                                        refuse_to_replace, score, write_outputs)
+from experiments.studies.common import (clock, load_flow, log_y, metric_panels, need, need_scoring, pyplot,
+                                        refuse_to_replace, score, timed_draw, write_outputs)
 from support import files, images
 
 # What each budget runs.
@@ -36,8 +36,8 @@ def run(args):
     rows, kept = [], {}
     for cfg in b["cfg_scales"]:
         for spec in b["temperatures"] + b["schedules"]:
-            samples, labels, seconds = draw(flow, b["num_samples"], b["steps"], args.seed, temperature=spec,
-                                            cfg_scale=cfg)
+            samples, labels, seconds = timed_draw(flow, b["num_samples"], args.seed, steps=b["steps"],
+                                                  temperature=spec, cfg_scale=cfg)
             rows.append(dict(temperature=spec, constant=":" not in spec, cfg_scale=cfg,
                              sample_seconds=round(seconds, 1), **score(samples, labels, flow.dataset, args)))
             if cfg == 1.0 and ":" not in spec:
