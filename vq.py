@@ -251,5 +251,3 @@ class MnistVQ(nn.Module):
         z_q = self.codebook[codes].permute(0, 3, 1, 2)  # (B, d, h, w)
         return self.decoder(z_q).clamp(-1, 1)
 
-
-# ---- Loading a trained tokenizer -------------------------------------------------------------------------

@@ -403,8 +403,8 @@ def test_the_classifier_records_its_data(classifier):
 
 
 def test_a_classifier_of_fashion_mnist_images_refuses_to_score_mnist(classifier, tmp_path, monkeypatch, capsys):
-    """classifier-mnist.pt trained on Fashion-MNIST's files (as --dataset mnist read them before their contents were
-    checked) against MNIST's: one line, and nothing is trained or written."""
+    """A classifier-mnist.pt whose record names Fashion-MNIST's files, against MNIST's: one line, and nothing is
+    trained or written."""
     data_dir = fake_mnist(tmp_path / "mnist", monkeypatch)
     path = _changed_record(classifier, tmp_path / "classifier-mnist.pt", dataset="mnist")
     npz = _write_samples(tmp_path / "samples.npz", np.zeros((4, 28, 28, 1), np.uint8))
