@@ -41,6 +41,7 @@ from support.config import flag
 from support.loss_by_t import LossByT
 from support.schedule import learning_rate
 
+
 @dataclasses.dataclass
 class Settings:
     """A run's settings: its flags, saved in every checkpoint. Defaults are DiT's ImageNet recipe; the presets in
@@ -127,13 +128,14 @@ class Trainee:
 def train_step(trainee, objective, micro_batches, *, lr, grad_clip, ema_decay, loss_by_t=None, step=0):
     """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and
     backward each, clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping."""
-    model, raw_model, opt, scaler = trainee.model, trainee.raw_model, trainee.opt, trainee.scaler
+    model, raw_model, opt, scaler, autocast = (trainee.model, trainee.raw_model, trainee.opt, trainee.scaler,
+                                               trainee.autocast)
     for group in opt.param_groups:
         group["lr"] = lr
     for i, (codes, labels, z0) in enumerate(micro_batches):
         # DDP all-reduces the gradients in every backward; the micro-batches before the last only accumulate.
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), trainee.autocast:
+        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), autocast:
             loss, per_sample, t = objective.loss(model, codes, labels, z0=z0)
         # fp16 gradients underflow: the GradScaler scales the loss before backward and unscales the gradients
         # after. It is a pass-through in fp32 and bf16.

@@ -117,7 +117,6 @@ def time_training(name, dtype, compiled, args, device):
     codes = torch.randint(K, (B, G, G), device=device)
     y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
     loss_by_t = LossByT(device)
-
     trainee = train.Trainee(model, raw_model, ema, opt, scaler, autocast)
 
     def step():

@@ -129,6 +129,14 @@ def check_seed(args, name="seed"):
         raise UserError(f"{_flag(name)} {value}: expected an integer in [0, 2^32)")
 
 
+def check_fraction(args, *names):
+    """--name must lie in [0, 1]."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"{_flag(name)} {value}: expected a number in [0, 1]")
+
+
 def parse_classes(spec):
     """'1,5,207' -> [1, 5, 207]; None -> None (every class)."""
     if spec is None:
@@ -140,14 +148,6 @@ def parse_classes(spec):
     if not classes or min(classes) < 0:
         raise UserError(f"--classes {spec}: expected class indices separated by commas, such as 1,5,207")
     return classes
-
-
-def check_fraction(args, *names):
-    """--name must lie in [0, 1]."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            raise UserError(f"{_flag(name)} {value}: expected a number in [0, 1]")
 
 
 def make_dir(path):
