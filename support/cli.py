@@ -57,7 +57,18 @@ def run_command(command, *args):
     torchrun stopping the job) raises as Ctrl-C does, so that cleanups and saves on the way out run; either exits
     with one line and 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). Once the command has returned or raised,
     signals are ignored while the process says why and leaves: torchrun signals every other worker as soon as one
-    exits, which must not cut that line short."""
+    exits, which must not cut that line short. A process that ran a process group (torchrun) ends here, with that
+    status (distributed.end_process)."""
+    try:
+        result = _run_command(command, *args)
+    except SystemExit as e:
+        distributed.end_process(e.code)
+        raise
+    distributed.end_process(0)
+    return result
+
+
+def _run_command(command, *args):
     rank = int(os.environ.get("RANK", "0"))
     _made.clear()
     with distributed.signal_handlers(distributed.interrupt, (signal.SIGTERM,)):

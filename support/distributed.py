@@ -3,15 +3,17 @@ Processes, devices, precision and signals: one process with plain `python`, data
 
 As in nanoGPT, distributed mode is on only when torchrun set RANK: NCCL on GPUs, gloo on CPUs. Every script
 that can run on several processes (train.py, sample.py, `tokenizer.py encode`) opens `with processes() as (rank,
-world, device):`, which also tears the process group down on the way out. Every command turns SIGTERM into an
-exception, as Ctrl-C is (support/cli.py's run_command); train.py's loop instead stops at a step boundary on
-either, with a checkpoint, every rank together (`stop_requests`).
+world, device):`, which also tears the process group down on the way out; such a process then ends without
+finalizing the interpreter (`end_process`). Every command turns SIGTERM into an exception, as Ctrl-C is
+(support/cli.py's run_command); train.py's loop instead stops at a step boundary on either, with a checkpoint,
+every rank together (`stop_requests`).
 """
 
 import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -21,6 +23,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from support import files
+
+
+_ran_process_group = False  # this process joined a process group (processes() under torchrun)
 
 
 @contextlib.contextmanager
@@ -40,10 +45,31 @@ def processes():
     else:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
+    global _ran_process_group
+    _ran_process_group = True
     try:
         yield rank, world, device
     finally:
         dist.destroy_process_group()
+
+
+def end_process(status):
+    """Once a process that ran a process group has said why it stops (run_command), end it with exit status
+    `status` (None: 0), flushing stdout and stderr but not finalizing the interpreter; elsewhere, do nothing.
+    destroy_process_group leaves gloo's worker threads running, and one of them can still be releasing the last
+    collective's tensors, which takes the GIL; CPython ends a thread that asks for it during finalization
+    (pthread_exit), and the C++ runtime then aborts the process (SIGABRT, "terminate called without an active
+    exception") now and then, more often on busy cores, after the run had finished and saved its work."""
+    if not _ran_process_group:
+        return
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):  # sys.exit("message"), as the interpreter would: say it, exit 1
+        print(status, file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class PeerStopped(Exception):

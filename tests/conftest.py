@@ -1,6 +1,7 @@
 import errno
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -170,6 +171,13 @@ def cli(script, *args, env=None):
     else:
         cmd = [sys.executable, os.path.join(root, script)]
     return cmd + [str(a) for a in args], dict(cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def workers_said(err, n=2000):
+    """The last n characters of a command's stderr, for an assertion's message; under torchrun, those before its
+    report of a failed worker (a traceback and a table that would fill the tail and say only an exit code)."""
+    report = re.search(r"^[WE]\d{4} [\d:.]+ \d+ \S*torch/distributed/elastic", err, re.M)
+    return (err[:report.start()] if report else err)[-n:]
 
 
 def run_cli(script, *args, env=None):

@@ -1,8 +1,12 @@
-"""support/cli.py's run_command, every script's entry point: SIGTERM raises as Ctrl-C does, so cleanups run."""
+"""support/cli.py's run_command, every script's entry point: SIGTERM raises as Ctrl-C does, so cleanups run; a
+process that ran a process group ends there without finalizing the interpreter."""
 
 import os
 import signal
+import socket
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -61,6 +65,44 @@ def test_a_stop_request_is_noted_and_a_second_signal_quits_at_once():
     stops.on_signal(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: out at once, as before
         stops.on_signal(signal.SIGINT, None)
+
+
+# A command that joins a process group (of one gloo process, as torchrun would set it up), prints a line without
+# ending it, and ends as asked; the interpreter would run the atexit handler if it were finalized.
+IN_A_PROCESS_GROUP = textwrap.dedent("""
+    import atexit, sys
+    from support import distributed
+    from support.cli import UserError, run_command
+
+    def command():
+        with distributed.processes():
+            print("said", end="")
+            if sys.argv[1] == "user error":
+                raise UserError("a mistake")
+            if sys.argv[1] == "interrupted":
+                raise distributed.Interrupted()
+
+    atexit.register(lambda: print(" and finalized"))
+    run_command(command)
+""")
+
+
+@pytest.mark.parametrize("ending, status", [("done", 0), ("user error", 2), ("interrupted", 130)])
+def test_a_process_that_ran_a_process_group_ends_unfinalized_with_its_status_and_output(ending, status):
+    """Under torchrun a process ends once run_command has said why, without finalizing the interpreter (a gloo
+    thread can still be releasing the last collective's tensors, and a thread that asks for the GIL during
+    finalization aborts the process): the command's exit status, its output flushed, no atexit handler run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in dict(os.environ, **group).items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
+    proc = subprocess.run([sys.executable, "-c", IN_A_PROCESS_GROUP, ending], capture_output=True, text=True,
+                          timeout=120, cwd=root, env=env)
+    assert proc.returncode == status and proc.stdout == "said", proc.stderr[-2000:]
+    said = {"done": "", "user error": "error: a mistake\n", "interrupted": "interrupted\n"}[ending]
+    assert proc.stderr == said
 
 
 def test_sample_stopped_by_sigterm_leaves_no_batches_and_no_samples(codes_dir, tmp_path):

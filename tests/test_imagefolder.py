@@ -14,7 +14,7 @@ from PIL import Image
 import sample
 import tokenizer
 import train
-from conftest import run_cli
+from conftest import run_cli, workers_said
 from support import codesets, datasets, files, tokenizers
 from support.cli import UserError
 from support.llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ
@@ -46,7 +46,7 @@ def encode_args(tree, out, *extra):
 def codes(tree):
     out = tree / "codes"
     rc, _, err = run_cli("torchrun --standalone --nproc_per_node=2 tokenizer.py", *encode_args(tree, out))
-    assert rc == 0, err[-2000:]
+    assert rc == 0, workers_said(err)
     return out
 
 
