@@ -2,6 +2,7 @@ import errno
 import inspect
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -171,6 +172,13 @@ def cli(script, *args, env=None):
     else:
         cmd = [sys.executable, os.path.join(root, script)]
     return cmd + [str(a) for a in args], dict(cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def workers_said(err, n=2000):

@@ -3,7 +3,6 @@ settings a checkpoint holds (the time embedding's scale, flips) checked on resum
 
 import dataclasses
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,15 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
-from conftest import one_line_error
+from conftest import free_port, one_line_error
 from support import checkpoint, codesets, files
 from support.cli import UserError
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resume_with_blind_rank(rank, world, port, path, blind_rank, results):

@@ -3,7 +3,6 @@ process that ran a process group ends there without finalizing the interpreter."
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import cli
+from conftest import cli, free_port
 from support import distributed
 from support.cli import UserError, make_dir, run_command
 
@@ -92,10 +91,7 @@ def test_a_process_that_ran_a_process_group_ends_unfinalized_with_its_status_and
     """Under torchrun a process ends once run_command has said why, without finalizing the interpreter (a gloo
     thread can still be releasing the last collective's tensors, and a thread that asks for the GIL during
     finalization aborts the process): the command's exit status, its output flushed, no atexit handler run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in dict(os.environ, **group).items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
     proc = subprocess.run([sys.executable, "-c", IN_A_PROCESS_GROUP, ending], capture_output=True, text=True,
