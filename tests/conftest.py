@@ -6,7 +6,8 @@ import socket
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
 
 # Real Fashion-MNIST in IDX format (Debian: apt-get install dataset-fashion-mnist), or wherever
 # PURRCEPTION_FASHION_MNIST points. Tests that need it are skipped where it is missing, unless
@@ -166,12 +167,11 @@ def fill_the_disk(monkeypatch, at=""):
 
 def cli(script, *args, env=None):
     """(command, keyword arguments for subprocess) to run one of the repo's scripts, or torchrun of one."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if script.startswith("torchrun "):  # torchrun of this Python, whatever is first on PATH
         cmd = [sys.executable, "-m", "torch.distributed.run", *script.split()[1:]]
     else:
-        cmd = [sys.executable, os.path.join(root, script)]
-    return cmd + [str(a) for a in args], dict(cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+        cmd = [sys.executable, os.path.join(ROOT, script)]
+    return cmd + [str(a) for a in args], dict(cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
 def free_port():

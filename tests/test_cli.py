@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import cli, free_port
+from conftest import ROOT, cli, free_port
 from support import distributed
 from support.cli import UserError, make_dir, run_command
 
@@ -92,10 +92,9 @@ def test_a_process_that_ran_a_process_group_ends_unfinalized_with_its_status_and
     thread can still be releasing the last collective's tensors, and a thread that asks for the GIL during
     finalization aborts the process): the command's exit status, its output flushed, no atexit handler run."""
     group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in dict(os.environ, **group).items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
     proc = subprocess.run([sys.executable, "-c", IN_A_PROCESS_GROUP, ending], capture_output=True, text=True,
-                          timeout=120, cwd=root, env=env)
+                          timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == status and proc.stdout == "said", proc.stderr[-2000:]
     said = {"done": "", "user error": "error: a mistake\n", "interrupted": "interrupted\n"}[ending]
     assert proc.stderr == said

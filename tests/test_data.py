@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import tokenizer
-from conftest import FASHION_MNIST, contents, fake_mnist, one_line_error
+from conftest import FASHION_MNIST, ROOT, contents, fake_mnist, one_line_error
 from support import codesets, datasets
 
 
@@ -269,13 +269,12 @@ def test_files_of_no_known_dataset_are_read_with_one_warning(tmp_path, capsys):
 def test_tests_that_need_fashion_mnist_are_skipped_without_it_or_fail_where_it_is_required(tmp_path):
     """tests/conftest.py: where PURRCEPTION_FASHION_MNIST holds no files, a test that reads them is skipped with the
     way to get them, the others run; with PURRCEPTION_REQUIRE_DATA=1 (CI) the run stops with that reason instead."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "tests/test_data.py", "-k",
             "test_real_fashion_mnist_loads or test_code_set_round_trip_across_shards"]
     for require, code in (("0", 0), ("1", 4)):
         env = dict(os.environ, PURRCEPTION_FASHION_MNIST=str(tmp_path), PURRCEPTION_REQUIRE_DATA=require,
                    OMP_NUM_THREADS="1")
-        proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr
         assert proc.returncode == code, out
         assert f"Fashion-MNIST's IDX files in {tmp_path}" in out and "apt-get install dataset-fashion-mnist" in out

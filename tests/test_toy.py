@@ -11,11 +11,9 @@ import pytest
 import torch
 
 import baselines
-from conftest import contents, fill_the_disk, one_line_error
+from conftest import ROOT, contents, fill_the_disk, one_line_error
 from toy import figures, run
 from toy.toys import TOYS, Oracle, make_toy
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_toys_are_distributions_with_the_stated_support():
