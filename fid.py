@@ -9,11 +9,14 @@ evaluations/evaluator.py reads: `mu` and `sigma`, the pool_3 statistics of the w
 images `arr_0`), whose stored statistics are used when present, as ADM's evaluator does, else computed from its
 arr_0; and --inception, pytorch-fid's weights (support/inception.py). FID is the Frechet distance between the
 Gaussian fit of the samples' pool_3 features and the reference statistics; the Inception Score is
-exp(E KL(p(y|x) || p(y))) averaged over 10 equal splits of the samples (ADM: 50,000 in splits of 5,000), with its
-standard deviation. Both depend on the sample count (the standard is 50,000): OUT/metrics.json records it (OUT:
-the samples' directory unless --out). Runs on the GPU if there is one, in fp32. The scores match the TensorFlow
-evaluator's to within the PyTorch ports' known small differences (the resize and the pixel scaling; see
-support/inception.py), not exactly: where a number must be exactly comparable with published ones, use ADM's.
+exp(E KL(p(y|x) || p(y))) averaged over splits of 5,000 samples in order, the last one shorter, as ADM's evaluator
+splits them (50,000 samples: 10 splits; 12,000: 5,000, 5,000 and 2,000), with its standard deviation over the
+splits (ADM reports the mean alone). Both depend on the sample count (the standard is 50,000): OUT/metrics.json
+records it (OUT: the samples' directory unless --out). Runs on the GPU if there is one, in fp32. The Inception
+network sees its input as in ADM's evaluator (TensorFlow 1's bilinear resize to 299 x 299 and (x - 128) / 128, as
+torch-fidelity computes them), but runs PyTorch's arithmetic, not the TensorFlow graph's (support/inception.py):
+the scores are not the evaluator's bit for bit, and where a number must be exactly comparable with published
+ones, use ADM's.
 """
 
 import math
@@ -33,7 +36,7 @@ from support.metrics import frechet_distance, gaussian_fit
 REFERENCE_FILE = "VIRTUAL_imagenet256_labeled.npz"
 REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                  + REFERENCE_FILE)
-SPLITS = 10  # of the Inception Score
+SPLIT_SIZE = 5000  # samples in each split of the Inception Score, as ADM's evaluator
 
 
 def load_npz(path, names):
@@ -70,10 +73,11 @@ def inception_outputs(model, images, batch_size, device, desc):
     return np.concatenate(features), np.concatenate(logits)
 
 
-def inception_score(logits, splits=SPLITS):
-    """(mean, std) over `splits` equal parts (fewer with fewer samples) of exp(E_x KL(p(y|x) || p(y)))."""
+def inception_score(logits, split_size=SPLIT_SIZE):
+    """(mean, std) of exp(E_x KL(p(y|x) || p(y))) over consecutive splits of `split_size` samples, the last one
+    shorter when the count is not a multiple (ADM's evaluator's compute_inception_score)."""
     scores = []
-    for part in torch.tensor_split(torch.as_tensor(logits, dtype=torch.float64), min(splits, len(logits))):
+    for part in torch.as_tensor(logits, dtype=torch.float64).split(split_size):
         log_p = torch.log_softmax(part, dim=1)  # log p(y|x)
         log_marginal = torch.logsumexp(log_p, dim=0) - math.log(len(part))  # log p(y)
         scores.append(math.exp((log_p.exp() * (log_p - log_marginal)).sum(1).mean()))
@@ -116,7 +120,7 @@ def score(args):
                                              f"samples {os.path.basename(args.samples)}")
     is_mean, is_std = inception_score(logits)
     result = dict(fid=frechet_distance(*gaussian_fit(features), mu_ref, sigma_ref), inception_score=is_mean,
-                  inception_score_std=is_std, inception_score_splits=min(SPLITS, len(images)),
+                  inception_score_std=is_std, inception_score_splits=math.ceil(len(images) / SPLIT_SIZE),
                   num_samples=len(images), samples=os.path.abspath(args.samples),
                   reference=os.path.abspath(args.reference), reference_statistics=how,
                   inception=os.path.abspath(args.inception), device=device, seconds=round(time.time() - start, 1))

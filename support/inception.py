@@ -1,29 +1,33 @@
 """
 The Inception-v3 of FID and the Inception Score, in plain PyTorch: TensorFlow's graph of 2015-12-05
 (inception-2015-12-05.tgz, the network of the TensorFlow evaluators: TTUR's FID, improved-gan's Inception Score
-and ADM's evaluations/evaluator.py) as the PyTorch FID ports run it, with their weights file
-pt_inception-2015-12-05-6726825d.pth (WEIGHTS_URL).
+and ADM's evaluations/evaluator.py), with the PyTorch FID ports' weights file
+pt_inception-2015-12-05-6726825d.pth (WEIGHTS_URL) and the graph's own input convention.
 
 Written from its published definitions, without torchvision:
   * pytorch-fid, src/pytorch_fid/inception.py (github.com/mseitzer/pytorch-fid): `fid_inception_v3` builds
     torchvision's Inception3 with num_classes=1008 and aux_logits=False, replaces Mixed_5b-d by FIDInceptionA,
     Mixed_6b-e by FIDInceptionC, Mixed_7b by FIDInceptionE_1 and Mixed_7c by FIDInceptionE_2, and loads
     FID_WEIGHTS_URL strictly. TensorFlow's average pools leave the zero padding out of the mean
-    (count_include_pad=False), and Mixed_7c max-pools in its pool branch. `InceptionV3.forward` resizes the
-    images in [0, 1] to 299 x 299 (F.interpolate, bilinear, align_corners=False), then maps them to [-1, 1]
-    (2x - 1); the pool_3 features are the average over the 8 x 8 map after Mixed_7c.
+    (count_include_pad=False), and Mixed_7c max-pools in its pool branch. The pool_3 features are the average
+    over the 8 x 8 map after Mixed_7c.
   * torchvision, torchvision/models/inception.py (github.com/pytorch/vision): Inception3's layers, their names
     (the keys of the weights file) and shapes, BasicConv2d (a bias-free convolution, BatchNorm with eps 0.001,
     ReLU) and InceptionA-E.
+  * The input as the TensorFlow graph takes it, which is how ADM's evaluator feeds it the images' float pixels:
+    the graph's ResizeBilinear to 299 x 299 (TensorFlow 1's resize_bilinear, align_corners=False, which samples
+    without half-pixel centres; `resize_bilinear_tf1`), then its Sub and Mul, (x - 128) / 128. torch-fidelity
+    (github.com/toshas/torch-fidelity, feature_extractor_inceptionv3.py and interpolate_compat_tensorflow.py)
+    computes the input so; pytorch-fid does not (PyTorch's half-pixel resize, then x / 127.5 - 1).
   * The Inception Score's logits are pool_3 times the weights of the 1008-way layer, without its bias: ADM's
     evaluator takes `softmax/logits/MatMul`'s weight input and softmaxes `pool_3 @ w`, as improved-gan does;
     torch-fidelity's "logits_unbiased" (torch_fidelity/feature_extractor_inceptionv3.py) is the same.
 
-Scores from this network match the TensorFlow evaluator's to within the PyTorch ports' known small
-differences, not exactly: TensorFlow 1's bilinear resize samples without half-pixel centres and the graph scales
-pixels by (x - 128) / 128, where this (as pytorch-fid) uses PyTorch's resize and x / 127.5 - 1; floating-point
-arithmetic differs too. pytorch-fid's README reports 0.08 absolute (0.0009 relative) FID error against the
-TensorFlow code on LSUN. Quote TensorFlow-evaluator numbers when they must be exactly comparable.
+What matches ADM's evaluator and what does not: the input convention above, the layout and the weights
+(pytorch-fid's conversion of the graph's) match; the arithmetic need not, since PyTorch's float32 kernels (the
+convolutions, pools and reductions, and the resize written here) are not TensorFlow's graph ops and may round
+differently. How far that moves FID or the Inception Score has not been measured here: quote ADM's evaluator's
+numbers where they must be exactly comparable with published ones.
 """
 
 import torch
@@ -167,12 +171,32 @@ class InceptionE(nn.Module):
 
 # ---- The network -----------------------------------------------------------------------------------------
 
+def resize_bilinear_tf1(x, size):
+    """float (B, C, H, W) -> (B, C, size[0], size[1]) as TensorFlow 1's tf.image.resize_bilinear with
+    align_corners=False. Along an axis of n inputs and m outputs, output i samples the input at s = i * (n / m)
+    in float32, without the half-pixel shift of PyTorch's align_corners=False (output 0 is input 0), between
+    x0 = floor(s) and x1 = min(x0 + 1, n - 1) (the last row and column repeat past the edge):
+    x[x0] + (x[x1] - x[x0]) * (s - x0). The width is interpolated first, then the height, as TensorFlow's kernel
+    does. An axis already of its output length is left as it is (there s = i)."""
+    for dim, m in ((3, size[1]), (2, size[0])):
+        n = x.shape[dim]
+        if n == m:
+            continue
+        scale = torch.tensor(n, dtype=torch.float32) / m  # n / m in float32, as TensorFlow's CalculateResizeScale
+        source = torch.arange(m, dtype=torch.float32, device=x.device) * scale  # s, (m,)
+        x0 = source.floor().long()
+        x1 = (x0 + 1).clamp(max=n - 1)
+        weight = (source - x0).view([m if d == dim else 1 for d in range(4)])  # s - x0 along `dim`
+        lower, upper = x.index_select(dim, x0), x.index_select(dim, x1)
+        x = upper.sub_(lower).mul_(weight).add_(lower)  # x[x0] + (x[x1] - x[x0]) * (s - x0), in place
+    return x
+
+
 def preprocess(images):
-    """uint8 (B, H, W, 3) -> float (B, 3, 299, 299) in [-1, 1], as pytorch-fid: pixels / 255, a bilinear resize
-    (align_corners=False, no antialiasing), then 2x - 1."""
-    x = images.permute(0, 3, 1, 2).float() / 255
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    return 2 * x - 1
+    """uint8 (B, H, W, 3) -> float (B, 3, 299, 299) in [-1, 127 / 128], the TensorFlow graph's input: the pixels
+    as floats, resized by `resize_bilinear_tf1` (not at all when already 299 x 299), then (x - 128) / 128."""
+    x = resize_bilinear_tf1(images.permute(0, 3, 1, 2).float(), (SIZE, SIZE))
+    return (x - 128) / 128
 
 
 class InceptionV3(nn.Module):

@@ -183,13 +183,15 @@ class VectorQuantizer(nn.Module):
     def lookup(self, z):
         """(..., d) latent vectors -> (...) index of the nearest code, argmin_k ||z - e_k||^2.
 
-        ||z||^2 is the same for every code, so the argmin is that of ||e_k||^2 - 2 <z, e_k>.
+        The distance is computed as VectorQuantizer2 computes it, (||z||^2 + ||e_k||^2) - 2 <z, e_k> in float32,
+        and argmin takes the first of equal values: ||z||^2 is the same for every code, yet adding it rounds, so
+        it decides near-ties as upstream does.
         """
         codebook = self.embedding.weight  # (K, d)
-        squared_norms = codebook.pow(2).sum(dim=1)  # (K,)
+        code_norms = codebook.pow(2).sum(dim=1)  # ||e_k||^2, (K,)
         flat = z.reshape(-1, z.shape[-1])  # (N, d)
-        indices = torch.cat([(squared_norms - 2 * chunk @ codebook.T).argmin(dim=1)
-                             for chunk in flat.split(LOOKUP_CHUNK)])  # (N,)
+        indices = torch.cat([(chunk.pow(2).sum(dim=1, keepdim=True) + code_norms - 2 * (chunk @ codebook.T))
+                             .argmin(dim=1) for chunk in flat.split(LOOKUP_CHUNK)])  # (N,)
         return indices.view(z.shape[:-1])
 
 

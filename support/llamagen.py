@@ -66,7 +66,7 @@ LLAMAGEN_CONFIGS = {
 CHECKPOINT_FILES = {"llamagen-vq16": "vq_ds16_c2i.pt", "llamagen-vq8": "vq_ds8_c2i.pt"}
 CHECKPOINT_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/{}"
 USAGE_BUFFER_SIZE = 65536  # length of quantize.codebook_used in the published checkpoints
-LOOKUP_CHUNK = 1024  # latent vectors compared with the whole codebook at once: a (1024, K) similarity matrix
+LOOKUP_CHUNK = 1024  # latent vectors compared with the whole codebook at once: a (1024, K) distance matrix
 
 
 # ---- Building blocks -------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h * ds, w * ds)
 
 
-# ---- Quantizer: nearest unit-norm code by cosine similarity ----------------------------------------------
+# ---- Quantizer: nearest unit-norm code (highest cosine similarity) ---------------------------------------
 
 class VectorQuantizer(nn.Module):
     """The codebook (K, d), stored unnormalised as in the checkpoint and L2-normalised wherever it is used."""
@@ -241,13 +241,19 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.embedding.weight, p=2, dim=-1)  # (K, d), unit rows
 
     def lookup(self, z):
-        """(..., d) latent vectors -> (...) index of the code with the highest cosine similarity.
+        """(..., d) latent vectors -> (...) index of the nearest code once both are L2-normalised,
+        argmin_k ||z' - e'_k||^2 with z' = z / |z|, e'_k = e_k / |e_k|: the code of highest cosine similarity, up
+        to rounding.
 
-        LlamaGen takes argmin |z/|z| - e/|e||^2, which for unit vectors is argmax <z/|z|, e/|e|> (up to rounding).
+        The distance is computed as LlamaGen's VectorQuantizer computes it, (||z'||^2 + ||e'_k||^2) - 2 <z', e'_k>
+        in float32, and argmin takes the first of equal values: the squared norms are 1 only to within rounding,
+        and adding them decides near-ties as upstream does.
         """
         codebook = self.normalized_codebook()  # (K, d)
+        code_norms = codebook.pow(2).sum(dim=1)  # ||e_k||^2, (K,)
         flat = F.normalize(z.reshape(-1, z.shape[-1]), p=2, dim=-1)  # (N, d)
-        indices = torch.cat([(chunk @ codebook.T).argmax(dim=1) for chunk in flat.split(LOOKUP_CHUNK)])  # (N,)
+        indices = torch.cat([(chunk.pow(2).sum(dim=1, keepdim=True) + code_norms - 2 * (chunk @ codebook.T))
+                             .argmin(dim=1) for chunk in flat.split(LOOKUP_CHUNK)])  # (N,)
         return indices.view(z.shape[:-1])
 
 

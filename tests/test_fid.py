@@ -1,6 +1,7 @@
 """fid.py and support/inception.py: the Inception Score and FID on exact answers, the network's layout against the
-published weights' shapes, its TensorFlow pools and pytorch-fid's resize, then fid.py end to end on random weights
-(8 images at 299 x 299 on the CPU: a few seconds a forward pass)."""
+published weights' shapes, its TensorFlow pools, and the TensorFlow graph's input (TF1's bilinear resize, worked by
+hand, and (x - 128) / 128), then fid.py end to end on random weights (8 images at 299 x 299 on the CPU: a few
+seconds a forward pass)."""
 
 import json
 import types
@@ -24,15 +25,29 @@ def test_fid_of_a_sample_set_against_its_own_statistics_is_zero():
         assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
 
 
+def confident(classes, num_classes=inception.CLASSES):
+    """Logits whose p(y|x) is one-hot on each sample's class (to e^-50)."""
+    return 50 * F.one_hot(torch.as_tensor(classes), num_classes).double()
+
+
 def test_inception_score_counts_confident_distinct_classes():
-    confident = 50 * F.one_hot(torch.arange(40) % 4, inception.CLASSES).double()  # 4 classes, p(y|x) one-hot
-    assert fid.inception_score(confident, splits=1)[0] == pytest.approx(4, rel=1e-6)
-    assert fid.inception_score(confident)[0] == pytest.approx(4, rel=1e-6)  # 10 splits of 4 images, one a class
+    four = confident(torch.arange(40) % 4)  # 4 classes, equally often
+    assert fid.inception_score(four)[0] == pytest.approx(4, rel=1e-6)  # one split of 40
+    assert fid.inception_score(four, split_size=4) == pytest.approx((4, 0), rel=1e-6)  # 10 splits, one a class each
     assert fid.inception_score(torch.zeros(40, inception.CLASSES)) == pytest.approx((1, 0))  # uniform p(y|x)
-    assert fid.inception_score(confident[:3])[1] == pytest.approx(0)  # 3 splits of one image: IS 1 each
+    assert fid.inception_score(four[:3], split_size=1) == pytest.approx((1, 0))  # 3 splits of one image: IS 1 each
 
 
-# ---- The network: the published weights' layout, TensorFlow's pools, pytorch-fid's resize ----------------
+def test_inception_score_splits_as_adms_evaluator():
+    # classes 0, 1, 2, 2, 3 in splits of 2: [0, 1] has IS 2, [2, 2] and the short last split [3] have IS 1:
+    # mean 4/3, standard deviation sqrt(((2/3)^2 + 2 (1/3)^2) / 3) = sqrt(2) / 3
+    assert fid.inception_score(confident([0, 1, 2, 2, 3]), split_size=2) == pytest.approx((4 / 3, 2 ** 0.5 / 3))
+    # 12,000 samples split 5,000, 5,000, 2,000 by default: two classes alternating, then 2,000 of a third
+    classes = torch.cat([torch.arange(10_000) % 2, torch.full((2_000,), 5)])
+    assert fid.inception_score(confident(classes, 8)) == pytest.approx((5 / 3, 2 ** 0.5 / 3))  # IS 2, 2, 1
+
+
+# ---- The network: the published weights' layout, TensorFlow's pools, the TensorFlow graph's input --------
 
 # Shapes of the published weights (pytorch-fid loads them strictly into torchvision's Inception3 with
 # num_classes=1008 and aux_logits=False; the shapes from torchvision/models/inception.py's layer definitions)
@@ -113,15 +128,36 @@ def test_the_pool_branches_are_tensorflows():
         torch.testing.assert_close(block(x)[:, -channels:], expected, msg=name)
 
 
-def test_preprocess_is_pytorch_fids_bilinear_resize_to_minus_one_one():
+def test_the_resize_is_tensorflow_1s_bilinear_worked_by_hand():
+    image = torch.tensor([[0.0, 50, 100], [200, 150, 250]])[None, None]  # (1, 1, 2, 3)
+    # width 3 -> 5: output column j samples s = j * 3/5 = 0, 0.6, 1.2, 1.8, 2.4, between x0 = floor(s) and
+    # x1 = min(x0 + 1, 2); e.g. input row 1 gives 200 + (150 - 200) * 0.6 = 170 at j = 1, 250 at j = 4 (x0 = x1).
+    # Height 2 -> 4: output row i samples i * 2/4 = 0, 0.5, 1, 1.5: output row 1 is the mean of the two input rows,
+    # e.g. (30 + 170) / 2 = 100 at j = 1, and output row 3 repeats the last input row (x0 = x1 = 1).
+    expected = torch.tensor([[0.0, 30, 60, 90, 100],
+                             [100, 100, 115, 160, 175],
+                             [200, 170, 170, 230, 250],
+                             [200, 170, 170, 230, 250]])
+    torch.testing.assert_close(inception.resize_bilinear_tf1(image, (4, 5))[0, 0], expected, atol=1e-4, rtol=0)
+    # one row: 2 -> 5 samples 0, 0.4, 0.8, 1.2, 1.6 (PyTorch's half-pixel centres would give 0, 10, 50, 90, 100);
+    # 5 -> 2 samples 0 and 2.5 (PyTorch: 0.75 and 3.25, so 7.5 and 32.5)
+    row = inception.resize_bilinear_tf1(torch.tensor([[[[0.0, 100]]]]), (1, 5))
+    torch.testing.assert_close(row.flatten(), torch.tensor([0.0, 40, 80, 100, 100]), atol=1e-4, rtol=0)
+    row = inception.resize_bilinear_tf1(torch.tensor([[[[0.0, 10, 20, 30, 40]]]]), (1, 2))
+    torch.testing.assert_close(row.flatten(), torch.tensor([0.0, 25]), atol=1e-4, rtol=0)
+
+
+def test_preprocess_is_the_tensorflow_graphs_input():
     ramp = torch.arange(256, dtype=torch.uint8).expand(256, 256)  # pixel (r, c) = c
     x = inception.preprocess(torch.stack([ramp, ramp.T, ramp], -1)[None])  # (1, 3, 299, 299)
-    # bilinear with half-pixel centres (align_corners=False): output i samples input (i + 0.5) * 256 / 299 - 0.5
-    source = ((torch.arange(299) + 0.5) * 256 / 299 - 0.5).clamp(0, 255)
-    torch.testing.assert_close(x[0, 0], (source / 127.5 - 1).expand(299, 299), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x[0, 1], (source / 127.5 - 1)[:, None].expand(299, 299), atol=1e-5, rtol=0)
+    # on a ramp the resize returns the sample point s = i * 256/299 itself, up to the last pixel, 255
+    source = (torch.arange(299) * (256 / 299)).clamp(max=255)
+    torch.testing.assert_close(x[0, 0], ((source - 128) / 128).expand(299, 299), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[0, 1], ((source - 128) / 128)[:, None].expand(299, 299), atol=1e-5, rtol=0)
     extremes = inception.preprocess(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 64, 64, 3))
-    torch.testing.assert_close(extremes, torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1).expand(2, 3, 299, 299))
+    torch.testing.assert_close(extremes, torch.tensor([-1.0, 127 / 128]).view(2, 1, 1, 1).expand(2, 3, 299, 299))
+    images = torch.randint(0, 256, (2, 299, 299, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(inception.preprocess(images), (images.permute(0, 3, 1, 2).float() - 128) / 128)  # no resize
 
 
 # ---- fid.py end to end, on random weights ----------------------------------------------------------------
@@ -188,6 +224,7 @@ def test_fid_uses_the_stored_statistics_of_the_reference(setup, monkeypatch):
     result, calls = run_fid(monkeypatch, ["--samples", setup.samples, "--reference", reference, "--inception",
                                           setup.weights, "--batch-size", "3", "--out", out], out)
     assert result["num_samples"] == 8 and result["reference_statistics"] == "stored mu and sigma"
+    assert result["inception_score_splits"] == 1  # 8 samples: one split, shorter than 5,000
     (mu_samples, sigma_samples, mu_ref, sigma_ref), = calls
     assert_fit(mu_samples, sigma_samples, setup.features)  # in batches of 3 as in one of 8
     assert np.array_equal(mu_ref, mu + 1) and np.array_equal(sigma_ref, sigma)

@@ -217,6 +217,22 @@ def test_the_nearest_code_is_not_the_best_aligned():
     assert quantizer.lookup(z).tolist() == [0, 1, 2]
 
 
+def test_near_ties_round_as_latent_diffusion_computes_the_distance():
+    # z_0 = (1, 0, 0, 0) has squared distances 1 + 2^-26 to e_0 and 1 + 2^-28 to e_1, both within half a float32
+    # step (2^-24) of 1: VectorQuantizer2's ||z||^2 + ||e_k||^2 - 2 <z, e_k> rounds both to 1 and argmin takes the
+    # first, e_0; without ||z||^2 they are 2^-26 and 2^-28, apart, and pick e_1. z_1 is nearest e_1 either way.
+    E = torch.tensor([[0, 2.0 ** -13, 0, 0], [0, 0, 2.0 ** -14, 0]])
+    z = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0]])
+    upstream = (torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(E ** 2, dim=1) - 2 *
+                torch.einsum("bd,dn->bn", z, E.T)).argmin(dim=1)  # taming's quantize.py, in float32
+    without_z = (torch.sum(E ** 2, dim=1) - 2 * z @ E.T).argmin(dim=1)
+    assert upstream.tolist() == [0, 1] and without_z.tolist() == [1, 1]
+    quantizer = VectorQuantizer(2, 4)
+    with torch.no_grad():
+        quantizer.embedding.weight.copy_(E)
+    assert quantizer.lookup(z.view(1, 2, 4)).tolist() == [[0, 1]]
+
+
 # ---- load_ldm --------------------------------------------------------------------------------------------
 
 def test_a_lightning_checkpoint_round_trips(model, images, ckpt):

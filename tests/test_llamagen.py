@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, load_llamagen
+from support.llamagen import LLAMAGEN_CONFIGS, LlamaGenVQ, VectorQuantizer, load_llamagen
 
 NAMES = list(LLAMAGEN_CONFIGS)
 
@@ -191,6 +191,24 @@ def test_codebook_is_normalised_and_lookup_is_scale_invariant(models):
     # an input between two codes goes to the one it leans towards
     a, b = E[10], E[20]
     assert model.quantize.lookup(0.9 * a + 0.1 * b).item() == 10
+
+
+def test_near_ties_round_as_llamagen_computes_the_distance():
+    # Every value below is exact in float32, normalised or not: e'_0 = (1/2, 1/2, 1/2, 1/2, 0, 0, 0, 0), e'_1 = the
+    # first axis, z' = z = (2^-26, 0, 0, 0, 1, 0, 0, 0). Its cosines are 2^-27 and 2^-26, so e'_1 is nearer (squared
+    # distances 2 - 2^-26 and 2 - 2^-25); both are within half a float32 step (2^-24) of 2, so LlamaGen's
+    # ||z'||^2 + ||e'_k||^2 - 2 <z', e'_k> rounds both to 2 and argmin takes the first, e'_0.
+    weight = torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0, 0, 0]])
+    z = torch.tensor([[2.0 ** -26, 0, 0, 0, 1, 0, 0, 0]])
+    z_flattened, embedding = F.normalize(z, p=2, dim=-1), F.normalize(weight, p=2, dim=-1)
+    upstream = (torch.sum(z_flattened ** 2, dim=1, keepdim=True) + torch.sum(embedding ** 2, dim=1) - 2 *
+                torch.einsum("bd,dn->bn", z_flattened, embedding.T)).argmin(dim=1)  # vq_model.py, in float32
+    cosine = (z_flattened @ embedding.T).argmax(dim=1)
+    assert upstream.tolist() == [0] and cosine.tolist() == [1]
+    quantizer = VectorQuantizer(2, 8)
+    with torch.no_grad():
+        quantizer.embedding.weight.copy_(weight)
+    assert quantizer.lookup(z).tolist() == [0]
 
 
 def test_bad_shapes_are_refused(models):
