@@ -1,22 +1,24 @@
 """
-The paper's three claims, measured at laptop scale, one subcommand each (and a look at the posterior), and two
-steps beyond the paper (a few-step student, guidance in a window):
+The paper's three claims, measured at laptop scale, one subcommand each (and a look at the posterior), and three
+steps beyond the paper (a few-step student, guidance in a window, the tokenizer trained with the flow):
 
     python experiments/study.py convergence --data toy                         # (1) quality vs training iterations
     python experiments/study.py convergence --data fashion-mnist --codes runs/fmnist-codes --data-dir DIR
     python experiments/study.py temperature --ckpt RUN/checkpoints/last.pt --data-dir DIR      # (2) temperature sweep
     python experiments/study.py solvers --data toy                             # (3) quality vs NFE, on the exact posterior
-    python experiments/study.py solvers --ckpt PURRCEPTION.pt --dfm-ckpt DFM.pt --data-dir DIR
+    python experiments/study.py solvers --data fashion-mnist --ckpt PURRCEPTION.pt --dfm-ckpt DFM.pt --data-dir DIR
     python experiments/study.py uncertainty --ckpt PURRCEPTION.pt              # posterior entropy along the path
     python experiments/study.py fewstep --data toy                             # a reflow student at 1, 2, 4 evaluations
     python experiments/study.py fewstep --data fashion-mnist --ckpt TEACHER.pt --data-dir DIR
     python experiments/study.py guidance --ckpt RUN/checkpoints/last.pt --data-dir DIR        # guidance only in a window of t
     python experiments/study.py codebook --codes CODES_K256,CODES_K1024,... --data-dir DIR    # (1) against the codebook size
+    python experiments/study.py joint --data-dir DIR                           # the tokenizer trained with the flow
 
 Claims (arXiv 2510.01478): (1) Purrception converges faster than CFM, CFM-endpoint and DFM trained with the
 same backbone and budget; (2) the softmax temperature is a training-free quality knob with a U-shaped curve;
 (3) as a continuous flow it samples well with few steps and higher-order solvers. Beyond them: a reflow
-student that samples in one or two network evaluations, and guidance that acts only for t in a window.
+student that samples in one or two network evaluations, guidance that acts only for t in a window, and the
+paper's own proposed next step, a tokenizer trained together with the flow instead of frozen before it.
 
 Every subcommand writes OUT/NAME.md (a markdown table, also printed), OUT/NAME.json (every number behind it,
 with the settings and wall times) and OUT/NAME*.png, all together when it ends: a run that fails or is stopped
@@ -40,7 +42,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import baselines
 import vfm
-from experiments.studies import codebook, convergence, fewstep, guidance, solvers, temperature, uncertainty
+from experiments.studies import codebook, convergence, fewstep, guidance, joint, solvers, temperature, uncertainty
 from support.cli import ArgumentParser, check_seed, make_dir, run_command
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
@@ -69,6 +71,10 @@ BUDGET_HELP = {
                 "experiments/RESULTS.md.",
     "guidance": "At --budget full: 10 rows of 1,000 samples of 8 midpoint steps. Measured CPU time: "
                 "experiments/RESULTS.md.",
+    "joint": "At --budget full: two seeds x three arms (frozen, finetune, joint), each 2,800 tokenizer updates of "
+             "batch 128 and 2,500 flow updates of batch 32, then 1,000 guided samples with the preset's sampler. "
+             "Each stage's end is kept in OUT/joint-DATA and reused: stopped, it resumes at the last stage it "
+             "finished. Measured CPU time: experiments/RESULTS.md.",
 }
 
 
@@ -91,7 +97,8 @@ def parse_args(argv=None):
              "uncertainty": "the posterior's per-token entropy along the sampling path",
              "fewstep": "a reflow student against its teacher at 1, 2 and 4 network evaluations",
              "guidance": "guidance only for t in a window: quality and network passes",
-             "codebook": "(1) against the codebook size K: the objectives at one budget on code sets of several K"}
+             "codebook": "(1) against the codebook size K: the objectives at one budget on code sets of several K",
+             "joint": "the paper's limitation: the tokenizer frozen, fine-tuned with the flow, or trained with it"}
     parsers = {name: sub.add_parser(name, parents=[common], help=helps[name], description=helps[name] + ". " +
                                     BUDGET_HELP[name]) for name in helps}
     for name in ("convergence", "solvers", "fewstep"):
@@ -100,6 +107,8 @@ def parse_args(argv=None):
     parsers["convergence"].add_argument("--codes", help="a code set of `python tokenizer.py encode` (image data)")
     parsers["codebook"].add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist",
                                      help="the dataset of the code sets")
+    parsers["joint"].add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist",
+                                  help="the dataset (its preset in configs/ sets the flow and the sampler)")
     parsers["codebook"].add_argument("--codes", help="comma-separated code sets of `python tokenizer.py encode`, one per "
                                      "codebook size, on one grid")
     parsers["convergence"].add_argument("--schedule", choices=("one-run", "per-budget"),
@@ -119,7 +128,7 @@ def parse_args(argv=None):
                                     "train.py (image data)")
     parsers["guidance"].add_argument("--ckpt", help="a checkpoint of train.py with classes (any objective)")
     parsers["solvers"].add_argument("--dfm-ckpt", help="a DFM checkpoint: its discrete sampler at the same NFE")
-    for name in ("convergence", "temperature", "solvers", "fewstep", "guidance", "codebook"):
+    for name in ("convergence", "temperature", "solvers", "fewstep", "guidance", "codebook", "joint"):
         parsers[name].add_argument("--data-dir", help="the dataset's IDX files, for scoring images (evaluate.py)")
         parsers[name].add_argument("--classifier", help="evaluate.py's classifier file (default: its cache, "
                                    "trained on first use)")
@@ -129,7 +138,8 @@ def parse_args(argv=None):
 
 
 COMMANDS = {"convergence": convergence.run, "temperature": temperature.run, "solvers": solvers.run,
-            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": guidance.run, "codebook": codebook.run}
+            "uncertainty": uncertainty.run, "fewstep": fewstep.run, "guidance": guidance.run, "codebook": codebook.run,
+            "joint": joint.run}
 
 
 def run(args):
