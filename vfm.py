@@ -8,12 +8,12 @@ Conventions, stated once and used by every file in this repo
 * A sample is a grid of code indices c of shape (B, *S) (S = (h, w) for images, (N,) for the toys) into a
   codebook E of shape (K, d); its embedding is z1 = E[c], of shape (B, *S, d), channels last.
 * Source z0 ~ N(0, I) in the embedding space; path z_t = (1 - t) z0 + t z1 (the straight, rectified-flow path).
-* Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the paper's code (time_dist = "uniform", the
+* Training times t ~ U[t_min, 1) with t_min = 1e-3, as in the authors' code (time_dist = "uniform", the
   default). The option "logit-normal:M:S" draws t = sigmoid(M + S n), n ~ N(0, 1), clamped to
   [t_min, 1 - t_min] (Esser et al. 2024, arXiv 2403.03206): it spends fewer training times near t = 0, where
   the posterior is still the prior of the codes and there is little to learn, and near t = 1, where the code
   is already plain to see. It changes where training looks, not the loss or the sampler.
-* Codebook scale: the flow runs on the raw codebook E with N(0, I) noise, as the paper and its code do
+* Codebook scale: the flow runs on the raw codebook E with N(0, I) noise, as the authors' code does
   (codebook_scale = "raw", the default). The option "rms" runs it on E / rms(E) (rms over all K * d entries),
   codes with the per-dimension scale of the source: sqrt(8) * E for LlamaGen's unit-sphere codes in d = 8.
   A global scale s leaves every nearest code unchanged (the tokenizer never sees it), and the flow on s E is
@@ -35,11 +35,15 @@ Conventions, stated once and used by every file in this repo
 
 Purrception in the paper's notation
 -----------------------------------
-The network outputs logits l_theta(z_t, t) over the K codes at every position: a mean-field categorical
-posterior q_theta(c | z_t) = softmax(l_theta). Training is cross-entropy against the true code, plus a z-loss
-lambda * mean(logsumexp(l)^2) (lambda = 1e-5 in the paper) that keeps the log-partition from drifting.
-Sampling integrates the ODE dz/dt = u(z, t) = (mu(z, t) - z) / (1 - t), mu = sum_k softmax(l / tau)_k e_k,
-the posterior mean of z1 at temperature tau, then snaps the end point to the nearest codebook entry.
+The blog post's and the paper's symbols (READING.md maps each to its name in the code). The codebook's rows are the
+code vectors e_k, k in [0, K), and a position's code c has the embedding z1 = e_c. The network outputs logits
+l_theta(z_t, t) over the K codes at every position; their softmax pi_t^theta(z_t) is a mean-field categorical
+posterior q_theta(c | z_t) = Cat(c | pi_t^theta(z_t)). Training is the cross-entropy -log q_theta(c | z_t)
+against the true code, plus a z-loss lambda * mean(logsumexp(l)^2) that keeps the log-partition from drifting:
+the paper names the z-loss, and lambda = 1e-5 is the lambda_z of the authors' code
+(github.com/razvanmatisan/purrception). Sampling integrates dz_t/dt = u_t(z_t) = (mu_t(z_t) - z_t) / (1 - t),
+where mu_t(z_t) = sum_k pi_t^k(z_t) e_k is the posterior mean of z1 and the probabilities are taken at
+temperature tau, pi_t^theta(z_t) = softmax(l_theta / tau); then it snaps the end point to the nearest code.
 """
 
 import math
@@ -47,7 +51,7 @@ import math
 import torch
 
 SOLVERS = ("euler", "heun", "midpoint")
-CODEBOOK_SCALES = ("raw", "rms")  # the first is the paper's and the default
+CODEBOOK_SCALES = ("raw", "rms")  # the first is the authors' code's and the default
 T_MIN = 1e-3
 Z_LOSS_WEIGHT = 1e-5
 P_UNCOND = 0.1
@@ -58,7 +62,7 @@ CHUNK = 2 ** 26  # float32 values a sampler handles at once: 256 MiB, 4,096 posi
 # ---- Path, times, codebook scale -------------------------------------------------------------------------
 
 def flow_codebook(codebook, scale="raw"):
-    """The codebook the flow runs on: E itself ("raw", the paper's) or E / rms(E) ("rms")."""
+    """The codebook the flow runs on: E itself ("raw", the authors' code's) or E / rms(E) ("rms")."""
     codebook = torch.as_tensor(codebook, dtype=torch.float32)
     if scale not in CODEBOOK_SCALES:
         raise ValueError(f"unknown codebook scale '{scale}'; choose from: {', '.join(CODEBOOK_SCALES)}")
@@ -73,7 +77,7 @@ def sample_t(n, device, generator=None, t_min=T_MIN):
 def parse_time_dist(spec):
     """A training-time distribution spec -> a function (n, device, generator, t_min) -> t (n,).
 
-    "uniform"             t ~ U[t_min, 1), the paper's
+    "uniform"             t ~ U[t_min, 1), the authors' code's
     "logit-normal:M:S"    t = sigmoid(M + S n), n ~ N(0, 1), clamped to [t_min, 1 - t_min]; M = 0, S = 1 is
                           Esser et al.'s, centred on t = 1/2; M > 0 moves the times toward the data
     """
@@ -330,18 +334,24 @@ class ContinuousFlow(Objective):
         return torch.randn(*shape, self.code_dim, device=self.codebook.device, generator=generator)
 
     def loss(self, model, codes, y=None, generator=None, z0=None):
-        z1 = self.embed(codes)  # (B, *S, d)
-        if z0 is None:
-            z0 = torch.randn(z1.shape, device=z1.device, generator=generator)  # (B, *S, d)
-        t = self._draw_t(codes, generator)  # (B,)
-        zt = interpolate(z0, z1, t)  # (B, *S, d)
-        y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
-        per_sample = self.per_sample_loss(model(zt, t, y).float(), codes, z0, z1)  # (B,)
+        t, y, z0 = self.draw(codes, y, generator, z0)
+        per_sample = self.scored(model, codes, t, y, z0)  # (B,)
         return per_sample.mean(), per_sample.detach(), t
 
+    def draw(self, codes, y=None, generator=None, z0=None):
+        """The loss's random part: t (B,), the labels y (B,) with some dropped, and z0 (B, *S, d) unless given."""
+        z0 = torch.randn(*codes.shape, self.code_dim, device=codes.device, generator=generator) if z0 is None else z0
+        t = self._draw_t(codes, generator)  # (B,)
+        y = drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
+        return t, y, z0
+
+    def scored(self, model, codes, t, y, z0):
+        """The rest of the loss, free of randomness: the per-sample loss (B,) of the network's output at z_t."""
+        z1 = self.embed(codes)  # (B, *S, d)
+        return self.per_sample_loss(model(interpolate(z0, z1, t), t, y).float(), codes, z0, z1)  # (B,)
+
     def per_sample_loss(self, out, codes, z0, z1):
-        """The loss of each sample, (B,), from the network output at z_t (B, *S, out_dim), the codes (B, *S) and
-        the ends of the path z0, z1 (B, *S, d)."""
+        """The loss of each sample (B,) from the network output at z_t (B, *S, out_dim), the codes and z0, z1."""
         raise NotImplementedError
 
     def velocity(self, out, z, t, tau):

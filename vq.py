@@ -18,7 +18,7 @@ Conventions
   is the one of highest cosine similarity, and the decoder receives the unit-norm code vector. This is the
   codebook `MnistVQ.codebook` returns and `tokenizer.py encode` exports. Its scale is not tuned for the flow: unit
   vectors in d = 8 have a per-dimension RMS of 1 / sqrt(8), like LlamaGen's codes. The flow runs on them as
-  they are (the paper's setting), or standardised with `train.py --codebook-scale rms` (vfm.flow_codebook:
+  they are (the setting of the authors' code), or standardised with `train.py --codebook-scale rms` (vfm.flow_codebook:
   E / rms(E)), which leaves the nearest code of every point unchanged.
 * Every code stays in use: the codebook is initialised by k-means++ on the first batch of encoder outputs, then
   follows the encoder by exponential moving averages (decay 0.99), and any code left unused for 20 training

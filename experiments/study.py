@@ -121,7 +121,7 @@ def parse_args(argv=None):
                                      f"{','.join(baselines.OBJECTIVES)} (default: {codebook.DEFAULT_OBJECTIVES})")
     for name in ("convergence", "codebook"):
         parsers[name].add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
-                                   help="the flow runs on the raw codebook (the paper's) or on E / rms(E)")
+                                   help="the flow runs on the raw codebook (the authors' code's) or on E / rms(E)")
     for name in ("temperature", "solvers", "uncertainty"):
         parsers[name].add_argument("--ckpt", help="a Purrception checkpoint of train.py (RUN/checkpoints/last.pt)")
     parsers["fewstep"].add_argument("--ckpt", help="the teacher: a Purrception, CFM or CFM-endpoint checkpoint of "

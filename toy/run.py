@@ -227,7 +227,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=20000)
     p.add_argument("--steps", type=int, default=100, help="Euler steps (DFM: discrete Euler steps)")
     p.add_argument("--codebook-scale", default="raw", choices=vfm.CODEBOOK_SCALES,
-                   help="the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py")
+                   help="the flow runs on the raw codebook (the authors' code's) or on E / rms(E); see vfm.py")
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier run in --out")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

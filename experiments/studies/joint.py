@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+import vfm
 import vq
 from experiments.studies.common import (clock, load_flow, mean_spread, need_scoring, pyplot, refuse_to_replace,
                                         score, timed_draw, write_outputs)
@@ -304,9 +306,8 @@ def train_arm(arm_name, seed, b, preset, seed_dir, data):
 
 def shorter_first_stage(seed_dir, steps):
     """The kept tokenizer-alone stage of the most steps below `steps`, or None."""
-    kept = [(int(n[len("tokenizer"):-3]), n) for n in os.listdir(seed_dir) if n.startswith("tokenizer")
-            and n.endswith(".pt") and "-" not in n and n[len("tokenizer"):-3].isdigit()] if os.path.isdir(seed_dir) else []
-    below = [(m, n) for m, n in kept if m < steps]
+    kept = [re.fullmatch(r"tokenizer(\d+)\.pt", n) for n in os.listdir(seed_dir)]
+    below = [(int(m.group(1)), m.group(0)) for m in kept if m and int(m.group(1)) < steps]
     return os.path.join(seed_dir, max(below)[1]) if below else None
 
 
@@ -320,7 +321,7 @@ def run(args):
     preset = PRESETS[args.data]
     sampler = config.load_preset(preset, "sample")
     draw_settings = dict(steps=b["sample_steps"] or sampler["steps"], solver=sampler["solver"],
-                         cfg_scale=sampler["cfg_scale"], cfg_interval=tuple(map(float, sampler["cfg_interval"].split(":"))))
+                         cfg_scale=sampler["cfg_scale"], cfg_interval=vfm.parse_cfg_interval(sampler["cfg_interval"]))
     settings = dict(b, flow_weight=FLOW_WEIGHT, tokenizer_lr=TOKENIZER_LR, preset=preset, sampler=draw_settings)
     work = os.path.join(args.out, name)
     check_settings(work, settings)
@@ -355,9 +356,10 @@ def run(args):
             if seed == args.seed:
                 real = images.to_uint8(images.to_float(pixels[:b["num_samples"]]))
                 pictures[arm_name] = class_rows(samples, sample_labels, real, recon, labels[:b["num_samples"]].numpy())
+    figures = {name: figure_curves(rows, b, args.data),
+               name + "-samples": figure_pictures({a: pictures[a] for a in ARMS})}
     return write_outputs(args, name, table(rows, b), note(b, draw_settings, preset, args),
-                         dict(settings=settings, dataset=args.data, seeds=b["seeds"], rows=rows), start,
-                         {name: figure_curves(rows, b, args.data), name + "-samples": figure_pictures({a: pictures[a] for a in ARMS})})
+                         dict(settings=settings, dataset=args.data, seeds=b["seeds"], rows=rows), start, figures)
 
 
 def check_settings(work, settings):
