@@ -168,17 +168,42 @@ class DiTBlock(nn.Module):
 # ---- Final layer -----------------------------------------------------------------------------------------
 
 class FinalLayer(nn.Module):
-    """adaLN (shift and scale from c), then a Linear from D to the p * p * out_dim outputs of each patch."""
+    """adaLN (shift and scale from c), then a Linear from D to the p * p * out_dim outputs of each patch, laid out
+    on the grid: (B, T, D) -> (B, H, W, out_dim), unpatchify(linear(x)).
+
+    Without gradients (sampling) and with p > 1, the output (out_dim = K logits: the largest tensor of a pass) is
+    made once. The Linear's weight is p * p blocks of out_dim rows, one per position (i, j) of a patch (patchify's
+    order); each block's product over the T tokens is written straight to its grid positions, so the pass peaks
+    at (1 + 1 / p^2) x the output, where unpatchifying the whole product would copy it (2 x). With gradients
+    (training) it is the one product and its unpatchify: autograd's record of p * p writes into one tensor would
+    copy the output's gradient at each of them."""
 
     def __init__(self, hidden_size, patch_size, out_dim):
         super().__init__()
+        self.patch_size = patch_size
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*out_dim)
+        x = modulate(self.norm_final(x), shift, scale)  # (B, T, D)
+        B, T, D = x.shape
+        p, h = self.patch_size, math.isqrt(T)  # h x h patches
+        if p == 1 or torch.is_grad_enabled():  # p = 1: a token is a position, and unpatchify a view
+            return unpatchify(self.linear(x), p, h * p)  # (B, H, W, out_dim)
+        x = x.view(B, h, h, D)  # (B, h, w, D)
+        weights = self.linear.weight.view(p * p, -1, D)  # (p * p, out_dim, D)
+        biases = self.linear.bias.view(p * p, -1)  # (p * p, out_dim)
+        out = None
+        for k in range(p * p):
+            i, j = divmod(k, p)
+            part = F.linear(x, weights[k], biases[k])  # (B, h, w, out_dim): position (i, j) of every patch
+            if out is None:  # the dtype of the Linear's output: bf16 under autocast
+                out = part.new_empty(B, h, p, h, p, part.shape[-1])  # (B, h, p, w, p, out_dim)
+            out[:, :, i, :, j] = part
+            del part  # freed before the next is made: one p * p-th of the output at a time
+        return out.view(B, h * p, h * p, -1)  # (B, H, W, out_dim)
 
 
 # ---- The model -------------------------------------------------------------------------------------------
@@ -254,8 +279,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         for block in self.blocks:
             x = block(x, c)  # (B, T, D)
-        x = self.final_layer(x, c)  # (B, T, p*p*out_dim)
-        return unpatchify(x, self.patch_size, self.grid_size)  # (B, H, W, out_dim)
+        return self.final_layer(x, c)  # (B, H, W, out_dim)
 
     def num_params(self):
         """Number of parameters (the positional embedding is a fixed buffer, not counted)."""

@@ -1,11 +1,14 @@
 """The DiT backbone: shapes, zero init, conditioning, patches and positions, and presets."""
 
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from dit import DiT, DiT_models, build_dit, patchify, sincos_2d, unpatchify
+from dit import DiT, DiT_models, build_dit, modulate, patchify, sincos_2d, unpatchify
 
 
 def tiny(grid_size=8, patch_size=2, in_dim=4, out_dim=16, num_classes=10, input_vocab=None):
@@ -130,6 +133,88 @@ def test_patchify_layout():
     torch.testing.assert_close(patches[0, 2], x[0, 2:4, 0:2].reshape(-1))
 
 
+def unpatchified(model, x, t, y):
+    """The model's output as the unpatchify of its final Linear's token-order output, (B, T, p * p * out_dim):
+    the layout's definition, computed from the final layer's input."""
+    seen = {}
+    hook = model.final_layer.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+    try:
+        model(x, t, y)
+    finally:
+        hook.remove()
+    h, c = seen["args"]
+    final = model.final_layer
+    shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
+    return unpatchify(final.linear(modulate(final.norm_final(h), shift, scale)), model.patch_size, model.grid_size)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_output_is_the_unpatchify_of_the_final_linear(patch_size, autocast):
+    """Without gradients the final layer writes each position of a patch straight to its place on the grid: the
+    numbers of unpatchify(linear(x)), what it computes with gradients, to float rounding (each block of the Linear
+    is its own matrix product)."""
+    model = tiny(patch_size=patch_size, out_dim=6)
+    perturb_final_layer(model)
+    x, t, y = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected, trained = unpatchified(model, x, t, y), model(x, t, y)
+        with torch.no_grad():
+            sampled = model(x, t, y)
+    assert sampled.shape == expected.shape == (3, 8, 8, 6) and sampled.dtype == expected.dtype
+    assert sampled.is_contiguous()
+    torch.testing.assert_close(sampled, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(trained, expected)
+
+
+class Allocations(TorchDispatchMode):
+    """The storages ops make while it is on, each counted once (a view or an in-place result makes none): their
+    sizes in bytes, and the peak of the bytes that those of at least `at_least` bytes hold together (a storage
+    is freed when its last tensor goes: a weakref finalizer)."""
+
+    def __init__(self, at_least):
+        super().__init__()
+        self.at_least, self.sizes, self.live, self.peak = at_least, [], 0, 0
+        self.seen = weakref.WeakSet()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for o in tree_leaves(out):
+                storage = o.untyped_storage() if isinstance(o, torch.Tensor) else None
+                if storage is None or storage in self.seen or storage.nbytes() < self.at_least:
+                    continue
+                self.seen.add(storage)
+                self.sizes.append(storage.nbytes())
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.free, storage.nbytes())
+        return out
+
+    def free(self, nbytes):
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_the_output_is_made_once(patch_size):
+    """Without gradients, the output (K logits a position: the largest tensor of a pass) is made once and never
+    copied: besides it, the forward makes its p * p parts, one at a time, so that it peaks at (1 + 1 / p^2) x the
+    output (2 x for an unpatchify of the whole, whose reshape copies it)."""
+    model = tiny(patch_size=patch_size, out_dim=512)  # output 3 x 8 x 8 x 512: a p^2-th of it outweighs all else
+    perturb_final_layer(model)
+    x, t, y = inputs()
+    size = 3 * 8 * 8 * 512 * 4
+    part = size // patch_size ** 2
+    with torch.no_grad(), Allocations(at_least=part) as made:
+        out = model(x, t, y)
+    assert out.untyped_storage().nbytes() == size
+    if patch_size == 1:
+        assert made.sizes == [size]  # the Linear's output itself: a token is a position
+    else:
+        assert sorted(made.sizes) == [part] * patch_size ** 2 + [size]
+    assert made.peak == size + (part if patch_size > 1 else 0)
+
+
 def test_sincos_2d_matches_float64_reference():
     dim, g = 16, 5
     emb = sincos_2d(dim, g)
@@ -208,3 +293,5 @@ def test_forward_traces_as_one_graph():
     x, t, y = torch.randint(0, 17, (2, 8, 8)), torch.rand(2), torch.randint(0, 11, (2,))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
+    with torch.no_grad():  # the final layer's other path
+        torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
