@@ -80,16 +80,24 @@ class DFM(vfm.Objective):
         raise ValueError(f"{self.name} starts from the all-mask source: it has no noise to fix")
 
     def loss(self, model, codes, y=None, generator=None, z0=None):
+        t, y, keep = self.draw(codes, y, generator, z0)
+        per_sample = self.scored(model, codes, t, y, keep)  # (B,)
+        return per_sample.mean(), per_sample.detach(), t
+
+    def draw(self, codes, y=None, generator=None, z0=None):
+        """The loss's random part: t (B,), the labels y (B,) with some dropped, and the codes x_t keeps (B, *S)."""
         if z0 is not None:
             self.noise(codes.shape)  # raises: DFM has no noise
-        B = codes.shape[0]
         t = self._draw_t(codes, generator)  # (B,)
         kappa = t.view(-1, *[1] * (codes.dim() - 1))  # (B, 1, ...)
         keep = torch.rand(codes.shape, device=codes.device, generator=generator) < kappa  # (B, *S)
+        y = vfm.drop_labels(self.labels(y, codes.shape[0], codes.device), self.num_classes, self.p_uncond, generator)
+        return t, y, keep
+
+    def scored(self, model, codes, t, y, keep):
+        """The rest of the loss, free of randomness: the per-sample loss (B,) of the network's logits at x_t."""
         xt = torch.where(keep, codes, torch.full_like(codes, self.mask_token))  # (B, *S)
-        y = vfm.drop_labels(self.labels(y, B, codes.device), self.num_classes, self.p_uncond, generator)
-        per_sample = vfm.cross_entropy_with_z_loss(model(xt, t, y).float(), codes, self.z_loss_weight)  # (B,)
-        return per_sample.mean(), per_sample.detach(), t
+        return vfm.cross_entropy_with_z_loss(model(xt, t, y).float(), codes, self.z_loss_weight)  # (B,)
 
     @staticmethod
     def schedule(steps, sampler="reveal"):

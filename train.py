@@ -44,8 +44,9 @@ from support.schedule import learning_rate
 
 @dataclasses.dataclass
 class Settings:
-    """A run's settings: its flags, saved in every checkpoint. Defaults are DiT's ImageNet recipe; the presets in
-    configs/ hold the other tiers'."""
+    """A run's settings: its flags, saved in every checkpoint. The defaults train DiT's ImageNet recipe (AdamW at
+    1e-4 without weight decay, batch 256, 400K steps, EMA 0.9999, labels dropped 1 time in 10) on the tiny DiT-T/1
+    with the gradient norm clipped to 1; the presets in configs/ hold each tier's (in256-xl2: DiT-XL/2 compiled)."""
     codes: str = flag(None, "a code set of `tokenizer.py encode`, or a coupling set of `sample.py --couplings`",
                       required=True)
     out: str = flag(None, "run directory: checkpoints/, samples/, log.jsonl, settings.json", required=True)
@@ -65,15 +66,17 @@ class Settings:
     ema_warmup: bool = flag(False, "EMA decay min(--ema-decay, (1 + n) / (10 + n)) at step n")
     p_uncond: float = flag(vfm.P_UNCOND, "label-drop probability (for guidance)")
     z_loss: float = flag(vfm.Z_LOSS_WEIGHT, "z-loss weight (Purrception and DFM)")
-    codebook_scale: str = flag("raw", "the flow runs on the raw codebook (the paper's) or on E / rms(E); see vfm.py",
+    codebook_scale: str = flag("raw", "the flow runs on the raw codebook (the authors' code's) or on E / rms(E); see "
+                               "vfm.py",
                                choices=vfm.CODEBOOK_SCALES)
-    time_dist: str = flag("uniform", "training times: 'uniform' (the paper's) or 'logit-normal:M:S'; see vfm.py")
+    time_dist: str = flag("uniform", "training times: 'uniform' (the authors' code's) or 'logit-normal:M:S'; see "
+                          "vfm.py")
     time_scale: float = flag(float(TIME_SCALE), "the DiT embeds sinusoids of time_scale * t (DiT: 1000; authors: 1)")
     no_flip: bool = flag(False, "train on the first view of each code grid (the center crop) only, not on a random "
                          "one of it and its horizontal flip")
     precision: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU",
                           choices=["auto", "fp32", "bf16", "fp16"])
-    compile: bool = flag(False, "torch.compile the model")
+    compile: bool = flag(False, "torch.compile the network and its loss as one graph (see compile_trainee)")
     seed: int = flag(0, "random seed")
     log_every: int = flag(100, "log a line to log.jsonl this often")
     ckpt_every: int = flag(5000, "overwrite checkpoints/last.pt this often")
@@ -108,42 +111,78 @@ def build_optimizer(model, lr, weight_decay, device):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema += (1 - decay) (model - ema), every parameter in one foreach call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+class NetworkLoss(torch.nn.Module):
+    """The network and its objective's per-sample loss as one module, what --compile compiles into one graph:
+    forward(codes, *draws) is objective.scored(net, codes, *draws), on the draws objective.draw made outside it
+    (random numbers drawn in a compiled graph are not the eager run's). Compiled, the float32 cast of the network's
+    bf16 logits fuses into the loss's reductions, which accumulate in float32, and the backward keeps the bf16
+    logits, not a float32 copy of them (eager: 2.1 GB at ImageNet's 32 x 1024 x 16384 logits)."""
+
+    def __init__(self, net, objective):
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, codes, *draws):
+        return self.objective.scored(self.net, codes, *draws)  # (B,)
+
+
+def compile_trainee(raw_model, objective, loss=True):
+    """(what a training step runs, whether it is a NetworkLoss): torch.compile of the network and its loss as one
+    graph where the objective splits its loss into draw and scored (every objective of baselines.py does), of the
+    network alone otherwise or with loss=False."""
+    if loss and hasattr(objective, "scored"):
+        return torch.compile(NetworkLoss(raw_model, objective)), True
+    return torch.compile(raw_model), False
 
 
 @dataclasses.dataclass
 class Trainee:
     """What a training step runs and updates: `model` is what runs (compiled and/or DDP-wrapped), `raw_model` the
     module under it (what the EMA follows and checkpoints save), `scaler` fp16's loss scaler, `autocast` the
-    precision's context."""
+    precision's context; `scores`: `model` is a NetworkLoss (the network and its loss), not the network alone."""
     model: torch.nn.Module
     raw_model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: contextlib.AbstractContextManager
+    scores: bool = False
+
+
+def forward_backward(trainee, objective, codes, labels, z0, accumulate=1):
+    """The loss of one micro-batch and its backward, scaled by 1 / accumulate: (loss, per-sample loss (B,), t (B,))."""
+    with trainee.autocast:
+        if trainee.scores:  # the draws eagerly, the rest in the compiled graph
+            draws = objective.draw(codes, labels, z0=z0)  # (t, ...)
+            per_sample, t = trainee.model(codes, *draws), draws[0]  # (B,), (B,)
+            loss, per_sample = per_sample.mean(), per_sample.detach()
+        else:
+            loss, per_sample, t = objective.loss(trainee.model, codes, labels, z0=z0)
+    # fp16 gradients underflow: the GradScaler scales the loss before backward and unscales the gradients after.
+    # It is a pass-through in fp32 and bf16.
+    trainee.scaler.scale(loss / accumulate).backward()
+    return loss, per_sample, t
 
 
 def train_step(trainee, objective, micro_batches, *, lr, grad_clip, ema_decay, loss_by_t=None, step=0):
     """One optimizer step over the micro-batches [(codes, labels or None, noise or None), ...]: forward and
     backward each, clip the gradient norm, step, and update the EMA. Returns the gradient norm before clipping."""
-    model, raw_model, opt, scaler, autocast = (trainee.model, trainee.raw_model, trainee.opt, trainee.scaler,
-                                               trainee.autocast)
+    model, raw_model, opt, scaler = trainee.model, trainee.raw_model, trainee.opt, trainee.scaler
     for group in opt.param_groups:
         group["lr"] = lr
     for i, (codes, labels, z0) in enumerate(micro_batches):
         # DDP all-reduces the gradients in every backward; the micro-batches before the last only accumulate.
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()), autocast:
-            loss, per_sample, t = objective.loss(model, codes, labels, z0=z0)
-        # fp16 gradients underflow: the GradScaler scales the loss before backward and unscales the gradients
-        # after. It is a pass-through in fp32 and bf16.
-        scaler.scale(loss / len(micro_batches)).backward()
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            loss, per_sample, t = forward_backward(trainee, objective, codes, labels, z0, len(micro_batches))
         if loss_by_t is not None:
             loss_by_t.add(loss, per_sample, t, 1 / len(micro_batches), step + 1)
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip, foreach=True)
     scaler.step(opt)  # skipped by the scaler when an fp16 gradient overflowed
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -193,10 +232,11 @@ def _train(s, rank, world, device, log_path, ckpt_path):
     checkpoint.check_couplings(s, codes)
     ckpt = checkpoint.resume_point(s, codes, ckpt_path, rank, world)
 
-    # Model, EMA, optimizer: the same initial weights on every rank, then each rank its own noise and times
+    # Model, EMA, optimizer: the same initial weights on every rank, then each rank its own noise and times. The
+    # model is built on its device: DiT-XL/2 takes 13 s to initialise on a CPU.
     torch.manual_seed(s.seed)
     codebook = torch.from_numpy(codes.codebook).float()
-    with user_errors():
+    with user_errors(), torch.device(device):
         raw_model, objective = checkpoint.build(dataclasses.asdict(s), codebook, codes.grid, codes.num_classes)
         if ckpt is not None:
             checkpoint.check_weights(ckpt_path, ckpt["model"], raw_model, ckpt["settings"])
@@ -215,10 +255,11 @@ def _train(s, rank, world, device, log_path, ckpt_path):
     with user_errors():
         batches = Batches(codes, local_batch, rank, world, s.seed, flips=not s.no_flip)
     step = checkpoint.restore(ckpt, rank, world, device, batches, model=raw_model, ema=ema, opt=opt, scaler=scaler)
-    model = torch.compile(raw_model) if s.compile else raw_model  # checkpoints save raw_model: no prefixes
+    del ckpt  # restored: the file it maps is let go (last.pt is replaced at the next checkpoint)
+    model, scores = compile_trainee(raw_model, objective) if s.compile else (raw_model, False)  # raw_model is saved
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainee = Trainee(model, raw_model, ema, opt, scaler, autocast)
+    trainee = Trainee(model, raw_model, ema, opt, scaler, autocast, scores)
     if rank == 0:
         describe_run(s, raw_model, codes, world, device, precision, local_batch, step)
         if step >= s.steps:

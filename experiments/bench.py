@@ -7,9 +7,18 @@ Training throughput of the DiT on the Purrception objective: steps/s, images/s, 
 What is timed: train.py's training step (train.train_step) on the Purrception objective (cross-entropy over the
 K codes at every grid position plus the z-loss): forward, backward, gradient clipping, AdamW and the EMA update,
 on random code grids of --grid x --grid (32 x 32 is ImageNet-256 with an 8x tokenizer: 256 tokens at patch
-size 2) with codes of dimension --in-dim. The network outputs K = --codebook-size logits per position. --warmup
+size 2) with codes of dimension --in-dim. The network outputs K = --codebook-size logits per position; the
+model and the objective are built as train.py builds them (its default settings), on the device. --warmup
 steps are run first (torch.compile compiles during them), then --steps steps are timed, with the device
 synchronised before each clock read. A configuration that does not fit in the device's memory is an OOM row.
+--compile compiles as train.py --compile does: the network and its loss as one graph (train.compile_trainee);
+--compiled-loss off compiles the network alone, the loss eager, and `both` measures both ways.
+
+Memory: "peak mem" is the most memory tensors held on the GPU during the warm-up and timed steps (weights,
+optimizer state and all; CUDA only). "loss peak" is the most one forward and backward of the batch
+(train.forward_backward, run once after the timed steps) held above what was held before it: the activations,
+the logits and what the loss makes of them, and the weights' gradients. On CUDA from the allocator's
+statistics, on a CPU from the allocations and frees torch.profiler records (profile_memory).
 
 FLOPs are the model's analytic count (flops_per_forward below: every matrix product, a multiply-add counted as
 2 FLOPs, the output head over the K codes included) times 3 for a training step (forward, and a backward that
@@ -19,6 +28,7 @@ enabled on CUDA), looked up by device name or given with --peak-tflops. On a CPU
 """
 
 import copy
+import dataclasses
 import datetime
 import gc
 import os
@@ -30,10 +40,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-import baselines
 import train
-from dit import FREQUENCY_DIM, DiT_models, build_dit
-from support import distributed, files
+from dit import FREQUENCY_DIM, DiT_models
+from support import checkpoint, distributed, files
 from support.cli import ArgumentParser, UserError, check_non_negative, check_positive, check_seed, make_dir, run_command
 from support.loss_by_t import LossByT
 
@@ -44,8 +53,8 @@ PEAK_TFLOPS = [
     ("H200", 989.4, 494.7),
     ("A100", 312.0, 156.0),
 ]
-COLUMNS = ["model", "params (M)", "dtype", "compile", "batch", "steps/s", "images/s", "GFLOP/image/step",
-           "TFLOP/s", "MFU", "peak mem (GiB)"]
+COLUMNS = ["model", "params (M)", "dtype", "compile", "compiled loss", "batch", "steps/s", "images/s",
+           "GFLOP/image/step", "TFLOP/s", "MFU", "peak mem (GiB)", "loss peak (MiB)"]
 NEW_FILE_HEADER = "# Benchmarks\n\nTraining throughput measured by `bench.py`; its docstring says what is measured.\n"
 
 
@@ -100,24 +109,53 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def peak_allocated(fn, device):
+    """The most bytes allocated on the device while fn() runs, above what was allocated when it began."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:  # nbytes: + an allocation, - a free
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
 # ---- One configuration -----------------------------------------------------------------------------------
 
-def time_training(name, dtype, compiled, args, device):
-    """Seconds per training step and peak memory (GiB, CUDA only) for one model, dtype and compile setting:
-    train.py's own step (forward, backward, gradient clipping, the loss scaler, AdamW, the EMA update)."""
+def build(name, args, device):
+    """(model, objective) as train.py builds them with its default settings (the same graph, whose compiled
+    kernels torch may then find in its cache), for a random codebook, on the device."""
+    settings = dict(dataclasses.asdict(train.Settings(codes="", out="")), model=name, objective="purrception")
+    with torch.device(device):
+        codebook = torch.randn(args.codebook_size, args.in_dim)
+        return checkpoint.build(settings, codebook, (args.grid, args.grid), args.num_classes)
+
+
+def time_training(name, dtype, compiled, compiled_loss, args, device):
+    """(seconds per training step, peak memory in GiB (CUDA only), the loss's peak in bytes) for one model, dtype
+    and compile setting: train.py's own step (forward, backward, gradient clipping, the loss scaler, AdamW, the
+    EMA update)."""
     torch.manual_seed(args.seed)
     B, G, K = args.batch_size, args.grid, args.codebook_size
-    raw_model = build_dit(name, grid_size=G, in_dim=args.in_dim, out_dim=K, num_classes=args.num_classes).to(device)
-    model = torch.compile(raw_model) if compiled else raw_model
+    raw_model, objective = build(name, args, device)
+    model, scores = train.compile_trainee(raw_model, objective, compiled_loss) if compiled else (raw_model, False)
     ema = copy.deepcopy(raw_model).requires_grad_(False)
-    objective = baselines.build_objective("purrception", torch.randn(K, args.in_dim), args.num_classes).to(device)
     opt = train.build_optimizer(raw_model, 1e-4, 0.0, device)
     precision, autocast = distributed.autocast_context(dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     codes = torch.randint(K, (B, G, G), device=device)
     y = torch.randint(args.num_classes, (B,), device=device) if args.num_classes else None
     loss_by_t = LossByT(device)
-    trainee = train.Trainee(model, raw_model, ema, opt, scaler, autocast)
+    trainee = train.Trainee(model, raw_model, ema, opt, scaler, autocast, scores)
 
     def step():
         train.train_step(trainee, objective, [(codes, y, None)], lr=1e-4, grad_clip=1.0, ema_decay=0.9999,
@@ -134,19 +172,23 @@ def time_training(name, dtype, compiled, args, device):
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, memory
+    loss_peak = peak_allocated(lambda: train.forward_backward(trainee, objective, codes, y, None), device)
+    opt.zero_grad(set_to_none=True)
+    return seconds, memory, loss_peak
 
 
-def run_config(name, dtype, compiled, args, device, flops_per_image, params):
+def run_config(name, dtype, compiled, compiled_loss, args, device, flops_per_image, params):
     """One row of the table: the measurement, or OOM where the configuration does not fit."""
     row = {"model": name, "params (M)": f"{params / 1e6:.1f}", "dtype": dtype, "compile": "yes" if compiled else "no",
-           "batch": str(args.batch_size), "GFLOP/image/step": f"{flops_per_image / 1e9:.4g}"}
+           "compiled loss": ("yes" if compiled_loss else "no") if compiled else "-", "batch": str(args.batch_size),
+           "GFLOP/image/step": f"{flops_per_image / 1e9:.4g}"}
     try:
-        seconds, memory = time_training(name, dtype, compiled, args, device)
+        seconds, memory, loss_peak = time_training(name, dtype, compiled, compiled_loss, args, device)
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        row.update({"steps/s": "OOM", "images/s": "OOM", "TFLOP/s": "-", "MFU": "-", "peak mem (GiB)": "-"})
+        row.update({"steps/s": "OOM", "images/s": "OOM", "TFLOP/s": "-", "MFU": "-", "peak mem (GiB)": "-",
+                    "loss peak (MiB)": "-"})
         return row
     finally:
         gc.collect()
@@ -157,7 +199,8 @@ def run_config(name, dtype, compiled, args, device, flops_per_image, params):
     peak = peak_tflops(device, dtype, args.peak_tflops)
     row.update({"steps/s": f"{1 / seconds:.3g}", "images/s": f"{images_per_s:.3g}", "TFLOP/s": f"{achieved:.3g}",
                 "MFU": f"{100 * achieved / peak:.1f}%" if peak else "n/a",
-                "peak mem (GiB)": f"{memory:.1f}" if memory is not None else "n/a"})
+                "peak mem (GiB)": f"{memory:.1f}" if memory is not None else "n/a",
+                "loss peak (MiB)": f"{loss_peak / 2**20:.1f}"})
     return row
 
 
@@ -208,7 +251,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp32"],
                    help="bf16: autocast to bfloat16; fp32: float32 (TF32 matmuls on CUDA)")
     p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
-                   help="torch.compile the model; `--compile both` measures eager and compiled")
+                   help="torch.compile as train.py does; `--compile both` measures eager and compiled")
+    p.add_argument("--compiled-loss", default=None, choices=["off", "on", "both"],
+                   help="the compiled rows: the network and its loss in one graph (on, train.py's and the default), "
+                        "the network alone (off), or both")
     p.add_argument("--batch-size", type=int, default=32, help="images per step on the one device")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -229,6 +275,9 @@ def bench(args, command):
     check_positive(args, "batch_size", "steps", "grid", "in_dim", "codebook_size", "threads", "peak_tflops")
     check_non_negative(args, "warmup", "num_classes")
     check_seed(args)
+    if args.compiled_loss and args.compile == "off":
+        raise UserError(f"--compiled-loss {args.compiled_loss}: it chooses what the compiled rows compile; add "
+                        f"--compile on or both")
     if args.out:
         read_markdown(args.out)
     try:
@@ -251,22 +300,23 @@ def bench(args, command):
     sizes = {}
     for name in args.models:
         try:
-            with torch.device("meta"):
-                model = build_dit(name, grid_size=args.grid, in_dim=args.in_dim, out_dim=args.codebook_size,
-                                  num_classes=args.num_classes)
+            model, _ = build(name, args, "meta")
         except ValueError as e:
             raise UserError(f"{name}: {e}") from None
         sizes[name] = (3 * flops_per_forward(model), model.num_params())
 
-    compile_settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    settings = {"off": [False], "on": [True], "both": [False, True]}
+    runs = [(compiled, compiled_loss) for compiled in settings[args.compile]
+            for compiled_loss in (settings[args.compiled_loss or "on"] if compiled else [False])]
     print(f"device: {describe_device(device)}, torch {torch.__version__}")
     rows = []
     for name in args.models:
         for dtype in args.dtype:
-            for compiled in compile_settings:
-                row = run_config(name, dtype, compiled, args, device, *sizes[name])
-                print(f"{name} {dtype} compile={row['compile']}: {row['steps/s']} steps/s, {row['images/s']} images/s, "
-                      f"{row['TFLOP/s']} TFLOP/s, MFU {row['MFU']}", flush=True)
+            for compiled, compiled_loss in runs:
+                row = run_config(name, dtype, compiled, compiled_loss, args, device, *sizes[name])
+                print(f"{name} {dtype} compile={row['compile']} compiled loss={row['compiled loss']}: "
+                      f"{row['steps/s']} steps/s, {row['images/s']} images/s, {row['TFLOP/s']} TFLOP/s, "
+                      f"MFU {row['MFU']}, loss peak {row['loss peak (MiB)']} MiB", flush=True)
                 rows.append(row)
 
     print()

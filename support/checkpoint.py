@@ -113,11 +113,16 @@ def save_ema(path, ema, step, settings, codebook, codes_meta):
 
 def restore(ckpt, rank, world, device, batches, **modules):
     """Load every module's state, this rank's data position and RNG state from ckpt; returns the step (0 without
-    a checkpoint). A run resumed on another number of ranks restarts the data from rank 0's position."""
+    a checkpoint). A run resumed on another number of ranks restarts the data from rank 0's position. Nothing
+    restored keeps a tensor of ckpt, so that the file it maps is let go with it."""
     if ckpt is None:
         return 0
     for key, module in modules.items():
         module.load_state_dict(ckpt[key])
+        if isinstance(module, torch.optim.Optimizer):  # it keeps the tensors already of its dtype and device
+            mapped = {id(v) for state in ckpt[key]["state"].values() for v in state.values()}
+            for state in module.state.values():
+                state.update({k: v.clone() for k, v in state.items() if id(v) in mapped})
     batches.load_state(ckpt["data"][rank] if len(ckpt["data"]) == world else ckpt["data"][0])
     if len(ckpt["rng"]) == world:
         distributed.set_rng_state(ckpt["rng"][rank], device)

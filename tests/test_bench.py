@@ -6,6 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import train
 from conftest import fill_the_disk
 from dit import DiT, build_dit
 from experiments import bench
@@ -38,7 +39,7 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
     assert "python experiments/bench.py --models DiT-T/2 --batch-size 2" in text
     assert f"torch {torch.__version__}" in text and " UTC: " in text
     rows = table_rows(text)
-    assert [[r[0], *r[2:5]] for r in rows] == [["DiT-T/2", "fp32", "no", "2"], ["DiT-T/2", "bf16", "no", "2"]]
+    assert [[r[0], *r[2:6]] for r in rows] == [["DiT-T/2", dtype, "no", "-", "2"] for dtype in ("fp32", "bf16")]
     for row in rows:
         assert len(row) == len(bench.COLUMNS)
         cells = dict(zip(bench.COLUMNS, row))
@@ -47,6 +48,7 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
         assert float(cells["TFLOP/s"]) == pytest.approx(float(cells["GFLOP/image/step"]) * images_per_s / 1e3,
                                                         rel=1.5e-2)
         assert cells["MFU"] == "n/a" and cells["peak mem (GiB)"] == "n/a"  # a CPU without --peak-tflops
+        assert float(cells["loss peak (MiB)"]) > 0
     # a second run appends a second section and keeps the first
     bench.main(TINY + ["--dtype", "fp32", "--out", out])
     assert out.read_text().startswith(text) and len(table_rows(out.read_text())) == 3
@@ -55,17 +57,44 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
 
 def test_flops_column_is_three_forwards(tmp_path):
     rows = bench.main(TINY + ["--dtype", "fp32", "--peak-tflops", "1"])
-    model = bench.build_dit("DiT-T/2", grid_size=4, in_dim=8, out_dim=16, num_classes=3)
+    model = build_dit("DiT-T/2", grid_size=4, in_dim=8, out_dim=16, num_classes=3)
     assert float(rows[0]["GFLOP/image/step"]) == pytest.approx(3 * bench.flops_per_forward(model) / 1e9, rel=1e-3)
     assert rows[0]["MFU"].endswith("%")
 
 
 def test_compile_both_measures_eager_and_compiled(monkeypatch):
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))  # trace, skip codegen
+    compile, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile(model, backend="eager"))
     rows = bench.main(TINY + ["--dtype", "fp32", "--compile", "both"])
-    assert [r["compile"] for r in rows] == ["no", "yes"]
+    assert [(r["compile"], r["compiled loss"]) for r in rows] == [("no", "-"), ("yes", "yes")]  # train.py's compile
+    assert [type(m) for m in compiled] == [train.NetworkLoss]
     assert all(float(r["steps/s"]) > 0 for r in rows)
+    compiled.clear()
+    rows = bench.main(TINY + ["--dtype", "fp32", "--compile", "on", "--compiled-loss", "both"])
+    assert [(r["compile"], r["compiled loss"]) for r in rows] == [("yes", "no"), ("yes", "yes")]
+    assert [type(m) for m in compiled] == [DiT, train.NetworkLoss]
+
+
+def test_the_model_is_built_as_train_py_builds_it():
+    """train.py's default settings, so that torch.compile sees train.py's graph: its time scale is the float 1000.0,
+    not the integer 1000 (another constant in the graph); and it is built on the device it runs on."""
+    model, objective = bench.build("DiT-T/2", bench.parse_args(TINY), "meta")
+    assert type(model.t_embedder.time_scale) is float and model.t_embedder.time_scale == train.Settings.time_scale
+    assert objective.name == "purrception" and {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_peak_allocated_on_a_cpu_is_the_most_held_above_the_start():
+    """1 MiB and 2 MiB held at once, then freed with a 1 MiB tensor allocated before: 3 MiB above the start, and
+    what is held at the end (2 MiB allocated after the frees) does not change it."""
+    held = [torch.empty(2**18)]
+
+    def work():
+        a, b = torch.empty(2**18), torch.empty(2**19)  # float32: 1 MiB, 2 MiB
+        del a, b
+        held.clear()
+        held.append(torch.empty(2**19))
+
+    assert bench.peak_allocated(work, torch.device("cpu")) == 3 * 2**20
 
 
 def test_out_of_memory_gives_an_oom_row(monkeypatch, tmp_path):
@@ -103,6 +132,8 @@ def test_bad_input_exits_2_with_one_error_line(argv, message, capsys):
     (["--peak-tflops", "0"], "--peak-tflops 0.0: expected a positive number"),
     (["--threads", "0"], "--threads 0: expected a positive number"),
     (["--warmup", "-1"], "--warmup -1: expected a number >= 0"),
+    (["--compiled-loss", "off"], "--compiled-loss off: it chooses what the compiled rows compile; add --compile on or "
+                                 "both"),
     (["--seed", "-1"], "--seed -1: expected an integer in [0, 2^32)"),
     (["--out", "{tmp}/no-such-dir/b.md"], "--out {tmp}/no-such-dir/b.md: its directory does not exist"),
     (["--out", "{tmp}/FILE/b.md"], "--out {tmp}/FILE/b.md: its directory does not exist"),

@@ -2,6 +2,7 @@
 settings a checkpoint holds (the time embedding's scale, flips) checked on resume."""
 
 import dataclasses
+import gc
 import os
 
 import numpy as np
@@ -85,3 +86,22 @@ def test_no_flip_trains_on_the_first_view_only(tmp_path):
         batches = codesets.Batches(code_set, 16, 0, 1, seed=0, flips=flips)
         drawn = torch.cat([batches.next()[0] for _ in range(8)])  # two epochs
         assert set(drawn.unique().tolist()) == seen
+
+
+def test_a_resumed_run_lets_go_of_the_checkpoint_it_restored(codes_dir, tmp_path, monkeypatch):
+    """--resume maps last.pt to read it; once restored nothing holds it, the optimizer's state included, so that
+    the file the next checkpoint replaces frees its disk: at the first step of the resumed run no mapping is left."""
+    last = str(tmp_path / "checkpoints" / "last.pt")
+    common = ["--codes", str(codes_dir), "--out", str(tmp_path), "--model", "DiT-T/1", "--batch-size", "8",
+              "--sample-every", "0"]
+    train.main(common + ["--steps", "1"])
+    mapped, train_step = [], train.train_step
+
+    def step(*args, **kw):
+        gc.collect()
+        mapped.append([line for line in open("/proc/self/maps") if line.rstrip().endswith(last)])
+        return train_step(*args, **kw)
+
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(common + ["--steps", "2", "--resume"])
+    assert mapped == [[]]
