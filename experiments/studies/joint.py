@@ -403,8 +403,8 @@ def note(b, draw, preset, args):
 
 
 def figure_curves(rows, b, dataset):
-    """The training logs of the first seed: the flow's loss, the tokenizer's reconstruction error and the codes'
-    nearest-neighbour distance, against each part's own updates."""
+    """The training logs of the first seed, each value of one training batch: the flow's loss, the tokenizer's
+    reconstruction error and the codes' nearest-neighbour distance, against each part's own updates."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     first = rows[0]["seed"]
@@ -412,11 +412,11 @@ def figure_curves(rows, b, dataset):
         log = r["log"]
         flow = [(e["flow_step"], e["flow"]) for e in log if "flow" in e]
         rec = [(e["tokenizer_step"], e["rec"]) for e in log if "rec" in e]
-        geometry = [(e["tokenizer_step"] if e["stage"] != "flow" else b["tokenizer_steps"], e["nearest"]) for e in log]
+        geometry = [(e["tokenizer_step"], e["nearest"]) for e in log]  # the flow alone: the codes where they stopped
         for ax, points in zip(axes, (flow, rec, geometry)):
             if points:
                 ax.plot(*zip(*sorted(points)), "-", lw=1.2, c=ARM_COLORS[r["arm"]], label=r["arm"])
-    for ax, (xlabel, ylabel) in zip(axes, (("flow updates", "flow loss (cross-entropy + z-loss)"),
+    for ax, (xlabel, ylabel) in zip(axes, (("flow updates", "flow loss (cross-entropy + z-loss, training batch)"),
                                            ("tokenizer updates", "reconstruction MSE (training batch)"),
                                            ("tokenizer updates", "mean distance to the nearest other code"))):
         ax.set_xlabel(xlabel)
