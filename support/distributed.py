@@ -140,25 +140,33 @@ def autocast_model(model, precision, device):
     return precision, run
 
 
-def gather_batches(folder, num_batches, make_batch, rank, world, desc="batches"):
+def part_path(folder, name, b):
+    """Where gather_batches writes array `name` of batch b."""
+    return os.path.join(folder, f"{name}-{b:06d}.npy")
+
+
+def gather_batches(folder, num_batches, make_batch, rank, world, desc="batches", kept=None):
     """Batches b = rank, rank + world, ... of make_batch(b) -> {name: array}, made by every rank and written to
     `folder`; on rank 0, each name's arrays of every batch concatenated in order of b (None on the other ranks).
-    The folder goes once every rank is done with it: finished, failed or interrupted."""
+    The folder goes once every rank is done with it: finished, failed or interrupted. Given `kept` (the same list
+    on every rank: the batches an earlier run left whole in the folder), those are not made again, the others are
+    shared out among the ranks in turn, and the folder stays, whatever happens, for the caller to remove."""
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
     barrier(world)
+    todo = range(num_batches) if kept is None else sorted(set(range(num_batches)) - set(kept))
     try:
-        for b in tqdm(range(rank, num_batches, world), disable=rank != 0, desc=desc):
+        for b in tqdm(todo[rank::world], disable=rank != 0, desc=desc):
             for name, array in make_batch(b).items():
-                files.save_npy(os.path.join(folder, f"{name}-{b:06d}.npy"), array)
+                files.save_npy(part_path(folder, name, b), array)
         barrier(world)
         if rank != 0:
             return None
         names = sorted({f.rsplit("-", 1)[0] for f in os.listdir(folder) if f.endswith(".npy")})
-        return {name: np.concatenate([np.load(os.path.join(folder, f"{name}-{b:06d}.npy")) for b in range(num_batches)])
+        return {name: np.concatenate([np.load(part_path(folder, name, b)) for b in range(num_batches)])
                 for name in names}
     finally:
-        if rank == 0:
+        if rank == 0 and kept is None:
             shutil.rmtree(folder, ignore_errors=True)
 
 

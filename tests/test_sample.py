@@ -1,7 +1,12 @@
-"""sample.py: the .npz for the FID evaluators, the grid, every sampling flag, torchrun, bad input."""
+"""sample.py: the .npz for the FID evaluators, the grid, every sampling flag, torchrun, a stopped run resumed, bad
+input."""
 
 import json
+import os
+import re
 import shutil
+import signal
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,8 +18,8 @@ import train
 import vfm
 from PIL import Image
 
-from conftest import FASHION_MNIST, fill_the_disk, one_line_error, run_cli, workers_said
-from support import checkpoint, images
+from conftest import FASHION_MNIST, contents, fill_the_disk, one_line_error, run_cli, workers_said
+from support import checkpoint, files, images
 from support.codesets import CodeSet
 
 
@@ -223,12 +228,186 @@ def test_guidance_on_a_model_without_labels_is_ignored_and_not_counted(codes_dir
     assert "--classes 1: " in line and "was trained without labels, so it has no classes" in line
 
 
-def test_a_failed_sampling_run_leaves_no_batches_behind(flow_ckpts, tmp_path, monkeypatch):
+def drawn_batches(monkeypatch):
+    """From now on, the batches sample.py draws, by index, in the order drawn."""
+    generate_batch, drawn = sample.generate_batch, []
+    monkeypatch.setattr(sample, "generate_batch", lambda flow, labels, seed, b, *a, **k:
+                        drawn.append(b) or generate_batch(flow, labels, seed, b, *a, **k))
+    return drawn
+
+
+def assert_same_samples(a, b):
+    """Two runs' samples.npz hold the same arrays and settings, but for how long they took and what was kept."""
+    a, b = load(a), load(b)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a if k != "settings")
+    timed = ("seconds", "seconds_per_sample", "batches_kept")
+    a, b = ({k: v for k, v in json.loads(str(npz["settings"])).items() if k not in timed} for npz in (a, b))
+    assert a == b
+
+
+def test_a_run_stopped_by_sigterm_resumes_to_the_samples_of_an_uninterrupted_one(flow_ckpts, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """SIGTERM once batch 0 is written whole and batch 1 only in part (its images, not yet its codes and noise): the
+    run keeps batch 0, says so in its one line, and --resume draws batches 1-3 into the samples and couplings of a
+    run never stopped; OUT/.parts goes then."""
+    args = ["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "13", "--batch-size", "4", "--steps", "3",
+            "--cfg-scale", "2", "--seed", "4", "--couplings"]
+    sample.main(args + ["--out", str(tmp_path / "whole")])
+    out, save, saved = tmp_path / "stopped", files.save_npy, []
+
+    def save_then_stop(path, array):  # images, codes and noise of batch 0, then the images of batch 1
+        save(path, array)
+        saved.append(os.path.basename(path))
+        if len(saved) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files, "save_npy", save_then_stop)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main(args + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 143 and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == (f"interrupted: 1 of 4 batches kept in {out / '.parts'}; rerun with "
+                                             f"--resume to continue")
+    assert saved[3] == "images-000001.npy" and sorted(os.listdir(out / ".parts")) == \
+        ["codes-000000.npy", "drawn-with.json", "images-000000.npy", "images-000001.npy", "noise-000000.npy"]
+    assert not (out / "samples.npz").exists() and not (out / "couplings").exists()
+    monkeypatch.undo()
+    drawn = drawn_batches(monkeypatch)
+    sample.main(args + ["--out", str(out), "--resume"])
+    assert drawn == [1, 2, 3]
+    assert f"resuming: 1 of 4 batches drawn earlier, in {out / '.parts'}" in capsys.readouterr().out
+    assert_same_samples(tmp_path / "whole", out)
+    assert not (out / ".parts").exists()
+    assert json.loads((out / "settings.json").read_text())["batches_kept"] == 1
+    whole, stopped = (CodeSet(str(tmp_path / n / "couplings")) for n in ("whole", "stopped"))
+    assert all(np.array_equal(a, b) for a, b in zip(whole.get(np.arange(13)), stopped.get(np.arange(13))))
+    assert np.array_equal(whole.get_noise(np.arange(13)), stopped.get_noise(np.arange(13)))
+
+
+# Under torchrun: once rank 0 has written its first batch, it stops torchrun as a cluster stops a job (SIGTERM),
+# and torchrun passes the signal on to every worker.
+STOP_TORCHRUN = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, os.getcwd())
+    import sample
+    from support import files
+
+    save = files.save_npy
+
+    def save_then_stop(path, array):
+        save(path, array)
+        if os.environ["RANK"] == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(120)  # until torchrun's SIGTERM reaches this worker
+
+    files.save_npy = save_then_stop
+    sample.main()
+""")
+
+
+def test_torchrun_resumes_a_run_torchrun_stopped_to_the_samples_of_one_process(flow_ckpts, tmp_path):
+    """A two-process run stopped by SIGTERM keeps the batches its ranks drew (rank 0: batch 0, rank 1: those it
+    finished) and says so; `torchrun ... --resume` shares out the others as rank 0 counts them and writes the
+    samples of one uninterrupted process."""
+    args = ["--ckpt", flow_ckpts["purrception"], "--num-samples", "13", "--steps", "3", "--batch-size", "2",
+            "--cfg-scale", "2"]
+    (tmp_path / "stop.py").write_text(STOP_TORCHRUN)
+    out = tmp_path / "two"
+    rc, _, err = run_cli(f"torchrun --standalone --nproc_per_node=2 {tmp_path / 'stop.py'}", *args, "--out", out)
+    kept = sorted(int(p.stem[7:]) for p in (out / ".parts").glob("images-*.npy"))
+    said = re.search(r"stopped by SIGTERM: a preemption, or another process of this run stopped \(its error is "
+                     r"above\); (\d) of 7 batches kept in (\S+); rerun with --resume to continue", err)  # rank 0's
+    assert rc != 0 and said and said[2] == str(out / ".parts"), err[-3000:]
+    assert kept[0] == 0 and 2 not in kept and 1 <= int(said[1]) <= len(kept) < 7  # rank 1 may finish one more
+    for b in kept[1:]:  # batch 0 alone, as a stop right after it leaves them: the ranks' shares of the rest are
+        (out / ".parts" / f"images-{b:06d}.npy").unlink()  # then 1, 3, 5 and 2, 4, 6, not those of a fresh run
+    rc, stdout, err = run_cli("torchrun --standalone --nproc_per_node=2 sample.py", *args, "--out", out, "--resume")
+    assert rc == 0, workers_said(err)
+    assert f"resuming: 1 of 7 batches drawn earlier, in {out / '.parts'}" in stdout
+    sample.main([str(a) for a in args] + ["--out", str(tmp_path / "one")])
+    assert_same_samples(tmp_path / "one", out)
+    assert not (out / ".parts").exists()
+
+
+def test_a_failed_run_keeps_its_batches_and_num_samples_changes_only_the_last(flow_ckpts, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A full disk at samples.npz: every batch stays in OUT/.parts, a rerun without --resume is refused, and one
+    with --resume and more samples keeps the full batches, draws the last one again at its new size and writes the
+    samples of a run never stopped."""
+    args = ["--ckpt", flow_ckpts["purrception"], "--batch-size", "4", "--steps", "2", "--cfg-scale", "2"]
+    out = tmp_path / "s"
     fill_the_disk(monkeypatch, at="samples.npz")
     with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", str(flow_ckpts["purrception"]), "--num-samples", "6", "--steps", "2",
-                     "--batch-size", "2", "--out", str(tmp_path)])
-    assert e.value.code == 2 and sorted(p.name for p in tmp_path.iterdir()) == []
+        sample.main([str(a) for a in args] + ["--num-samples", "13", "--out", str(out)])
+    assert e.value.code == 2 and sorted(os.listdir(out)) == [".parts"]
+    assert sorted(os.listdir(out / ".parts")) == ["drawn-with.json"] + [f"images-00000{b}.npy" for b in range(4)]
+    before = contents(out / ".parts")
+    line = one_line_error(capsys, sample.main, args + ["--num-samples", 13, "--out", out])
+    assert line == (f"error: {out / '.parts'} holds the batches of a run that stopped: pass --resume to finish it, "
+                    f"or --force to draw afresh, or choose another --out")
+    assert contents(out / ".parts") == before
+    monkeypatch.undo()
+    drawn = drawn_batches(monkeypatch)
+    sample.main([str(a) for a in args] + ["--num-samples", "14", "--out", str(out), "--resume"])
+    assert drawn == [3]  # 1 sample in the last batch of 13, 2 in that of 14
+    sample.main([str(a) for a in args] + ["--num-samples", "14", "--out", str(tmp_path / "whole")])
+    assert_same_samples(tmp_path / "whole", out)
+    assert not (out / ".parts").exists()
+
+
+def test_resume_refuses_batches_drawn_with_other_settings_or_weights(flow_ckpts, tmp_path, monkeypatch, capsys):
+    """--resume checks how the batches in OUT/.parts were drawn against each setting that changes the samples, the
+    weights sampled and the tokenizer's, and refuses a difference in one line, leaving them as they were; the same
+    weights copied elsewhere, and the same settings written otherwise, are no difference."""
+    ckpt = flow_ckpts["purrception"]
+    args = ["--num-samples", "6", "--batch-size", "2", "--steps", "2"]
+    out = tmp_path / "s"
+    with monkeypatch.context() as m:
+        fill_the_disk(m, at="samples.npz")
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", str(ckpt), *args, "--out", str(out)])
+    before = contents(out / ".parts")
+    state = torch.load(ckpt, weights_only=False)
+    first = next(iter(state["ema"]))
+    state["ema"][first] = state["ema"][first] + 1e-3
+    torch.save(state, tmp_path / "other.pt")
+    vq = torch.load(state["codes_meta"]["tokenizer"]["path"], weights_only=False)
+    first = next(k for k in vq["model"] if k.startswith("decoder."))
+    vq["model"][first] = vq["model"][first] + 1e-3  # the same codebook, another decoder
+    torch.save(vq, tmp_path / "vq.pt")
+    redo = "rerun with the settings they were drawn with, or pass --force instead of --resume to draw afresh"
+    for flags, said in [(["--seed", 1], "--seed 0, not --seed 1"),
+                        (["--batch-size", 3], "--batch-size 2, not --batch-size 3"),
+                        (["--steps", 3], "--steps 2, not --steps 3"),
+                        (["--solver", "heun"], "--solver euler, not --solver heun"),
+                        (["--temperature", "linear:1:0.5"], "--temperature 1.0, not --temperature linear:1.0:0.5"),
+                        (["--cfg-scale", 2], "--cfg-scale 1.0, not --cfg-scale 2.0"),
+                        (["--cfg-interval", "0:0.5"], "--cfg-interval 0.0:1.0, not --cfg-interval 0.0:0.5"),
+                        (["--classes", "1,2"], "no --classes, not --classes 1,2"),
+                        (["--precision", "bf16"], "--precision fp32, not --precision bf16"),
+                        (["--no-ema"], "no --no-ema, not --no-ema"),
+                        (["--couplings"], "no --couplings, not --couplings")]:
+        line = one_line_error(capsys, sample.main, ["--ckpt", ckpt, *args, *flags, "--out", out, "--resume"])
+        assert line == f"error: {out / '.parts'}: batches drawn with {said}; {redo}"
+    for other in (["--ckpt", tmp_path / "other.pt"], ["--ckpt", ckpt, "--tokenizer", tmp_path / "vq.pt"]):
+        line = one_line_error(capsys, sample.main, [*other, *args, "--out", out, "--resume"])
+        assert line == (f"error: {out / '.parts'}: batches drawn with other weights ({ckpt} at step 40, or another "
+                        f"tokenizer) than {other[1]} at step 40; {redo}")
+    assert contents(out / ".parts") == before
+    shutil.copytree(out, tmp_path / "unknown")
+    (tmp_path / "unknown" / ".parts" / "drawn-with.json").unlink()
+    line = one_line_error(capsys, sample.main, ["--ckpt", ckpt, *args, "--out", tmp_path / "unknown", "--resume"])
+    assert line == (f"error: {tmp_path / 'unknown' / '.parts'}: batches without a readable drawn-with.json, so how "
+                    f"they were drawn is unknown; pass --force instead of --resume to draw afresh")
+    shutil.copy(ckpt, tmp_path / "copy.pt")  # another file, another time: the same weights
+    drawn = drawn_batches(monkeypatch)
+    sample.main(["--ckpt", str(tmp_path / "copy.pt"), *args, "--temperature", "1", "--precision", "fp32", "--out",
+                 str(out), "--resume"])
+    assert drawn == []
+    sample.main(["--ckpt", str(ckpt), *args, "--force", "--out", str(tmp_path / "unknown")])  # drawn afresh
+    assert drawn == [0, 1, 2] and not (tmp_path / "unknown" / ".parts").exists()
+    assert np.array_equal(load(out)["arr_0"], load(tmp_path / "unknown")["arr_0"])
 
 
 def test_a_checkpoint_samples_with_the_codebook_scale_it_was_trained_with(flow_ckpts, codes_dir, tmp_path):
