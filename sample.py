@@ -26,6 +26,7 @@ only the size of the last batch, which is drawn again when its size differs.
 
 import dataclasses
 import hashlib
+import math
 import json
 import os
 import re
@@ -46,6 +47,7 @@ from support.cli import parse_classes, refuse_overwrite, run_command, user_error
 from support.config import flag
 
 BATCH_SIZE = 250  # sample.py's default batch: sample i is drawn from the noise of batch i // 250
+DECODE_PIXELS = 2 ** 22  # pixels decoded at once: 64 images of 256 x 256 (a batch of 250 would need tens of GB)
 
 
 # ---- Drawing samples: the one way every script and study draws them --------------------------------------
@@ -79,7 +81,8 @@ def generate(flow, labels, seed, *, steps=100, solver="euler", temperature=1.0, 
     kw = dict(sampler=dfm_sampler) if flow.name == "dfm" else {}
     codes = flow.objective.sample(model, shape, y=y, steps=steps, solver=solver, temperature=temperature,
                                   cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=g, z0=z0, **kw)
-    pictures = images.to_uint8(flow.tokenizer.decode(codes))
+    per = max(1, DECODE_PIXELS // math.prod(flow.meta.get("image_shape", [3, 256, 256])[1:]))
+    pictures = np.concatenate([images.to_uint8(flow.tokenizer.decode(part)) for part in codes.split(per)])
     return (pictures, codes, z0) if couplings else pictures
 
 

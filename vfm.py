@@ -35,15 +35,13 @@ Conventions, stated once and used by every file in this repo
 
 Purrception in the paper's notation
 -----------------------------------
-The blog post's and the paper's symbols (READING.md maps each to its name in the code). The codebook's rows are the
-code vectors e_k, k in [0, K), and a position's code c has the embedding z1 = e_c. The network outputs logits
-l_theta(z_t, t) over the K codes at every position; their softmax pi_t^theta(z_t) is a mean-field categorical
-posterior q_theta(c | z_t) = Cat(c | pi_t^theta(z_t)). Training is the cross-entropy -log q_theta(c | z_t)
-against the true code, plus a z-loss lambda * mean(logsumexp(l)^2) that keeps the log-partition from drifting:
-the paper names the z-loss, and lambda = 1e-5 is the lambda_z of the authors' code
-(github.com/razvanmatisan/purrception). Sampling integrates dz_t/dt = u_t(z_t) = (mu_t(z_t) - z_t) / (1 - t),
-where mu_t(z_t) = sum_k pi_t^k(z_t) e_k is the posterior mean of z1 and the probabilities are taken at
-temperature tau, pi_t^theta(z_t) = softmax(l_theta / tau); then it snaps the end point to the nearest code.
+In the blog post's and the paper's symbols (READING.md maps each to the code): codes e_k, k in [0, K), the
+rows of E; a position's code c, its embedding z1 = e_c. The network's logits l_theta(z_t, t) over the K codes
+give pi_t^theta(z_t) = softmax(l_theta), a mean-field categorical posterior q_theta(c | z_t) = Cat(c | pi_t^theta).
+Training is the cross-entropy -log q_theta(c | z_t) plus a z-loss lambda * mean(logsumexp(l)^2) that keeps the
+log-partition from drifting (the paper names it; lambda = 1e-5 is the lambda_z of the authors' code). Sampling
+integrates dz_t/dt = u_t(z_t) = (mu_t(z_t) - z_t) / (1 - t), mu_t(z_t) = sum_k pi_t^k(z_t) e_k the posterior mean
+of z1, with pi_t^theta = softmax(l_theta / tau) at temperature tau, then snaps the end point to the nearest code.
 """
 
 import math

@@ -17,8 +17,10 @@ synchronised before each clock read. A configuration that does not fit in the de
 Memory: "peak mem" is the most memory tensors held on the GPU during the warm-up and timed steps (weights,
 optimizer state and all; CUDA only). "loss peak" is the most one forward and backward of the batch
 (train.forward_backward, run once after the timed steps) held above what was held before it: the activations,
-the logits and what the loss makes of them, and the weights' gradients. On CUDA from the allocator's
-statistics, on a CPU from the allocations and frees torch.profiler records (profile_memory).
+the logits and what the loss makes of them, and the weights' gradients. "sampling pass peak" is the same for one
+network pass without gradients, as a sampler makes it, in multiples of its output (the K logits at every
+position): the output itself and what the pass makes beside it. On CUDA from the allocator's statistics, on a
+CPU from the allocations and frees torch.profiler records (profile_memory).
 
 FLOPs are the model's analytic count (flops_per_forward below: every matrix product, a multiply-add counted as
 2 FLOPs, the output head over the K codes included) times 3 for a training step (forward, and a backward that
@@ -41,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 import train
+import vfm
 from dit import FREQUENCY_DIM, DiT_models
 from support import checkpoint, distributed, files
 from support.cli import ArgumentParser, UserError, check_non_negative, check_positive, check_seed, make_dir, run_command
@@ -54,7 +57,7 @@ PEAK_TFLOPS = [
     ("A100", 312.0, 156.0),
 ]
 COLUMNS = ["model", "params (M)", "dtype", "compile", "compiled loss", "batch", "steps/s", "images/s",
-           "GFLOP/image/step", "TFLOP/s", "MFU", "peak mem (GiB)", "loss peak (MiB)"]
+           "GFLOP/image/step", "TFLOP/s", "MFU", "peak mem (GiB)", "loss peak (MiB)", "sampling pass peak"]
 NEW_FILE_HEADER = "# Benchmarks\n\nTraining throughput measured by `bench.py`; its docstring says what is measured.\n"
 
 
@@ -174,7 +177,19 @@ def time_training(name, dtype, compiled, compiled_loss, args, device):
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     loss_peak = peak_allocated(lambda: train.forward_backward(trainee, objective, codes, y, None), device)
     opt.zero_grad(set_to_none=True)
-    return seconds, memory, loss_peak
+    return seconds, memory, loss_peak, sampling_pass_peak(raw_model, objective, codes, y, autocast, device)
+
+
+@torch.no_grad()
+def sampling_pass_peak(model, objective, codes, y, autocast, device):
+    """The most memory a sampler's network pass (no gradients, the batch's codes as z_1 of a noisy z_t) holds above
+    what was held before it, as a multiple of the pass's output (the K logits at every position)."""
+    t = torch.full((len(codes),), 0.5, device=device)
+    zt = vfm.interpolate(objective.noise(codes.shape), objective.embed(codes), t)
+    outputs = []
+    with autocast:
+        peak = peak_allocated(lambda: outputs.append(model(zt, t, y)), device)
+    return peak / (outputs[0].numel() * outputs[0].element_size())
 
 
 def run_config(name, dtype, compiled, compiled_loss, args, device, flops_per_image, params):
@@ -183,12 +198,12 @@ def run_config(name, dtype, compiled, compiled_loss, args, device, flops_per_ima
            "compiled loss": ("yes" if compiled_loss else "no") if compiled else "-", "batch": str(args.batch_size),
            "GFLOP/image/step": f"{flops_per_image / 1e9:.4g}"}
     try:
-        seconds, memory, loss_peak = time_training(name, dtype, compiled, compiled_loss, args, device)
+        seconds, memory, loss_peak, pass_peak = time_training(name, dtype, compiled, compiled_loss, args, device)
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the CPU allocator's "can't allocate memory"
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         row.update({"steps/s": "OOM", "images/s": "OOM", "TFLOP/s": "-", "MFU": "-", "peak mem (GiB)": "-",
-                    "loss peak (MiB)": "-"})
+                    "loss peak (MiB)": "-", "sampling pass peak": "-"})
         return row
     finally:
         gc.collect()
@@ -200,7 +215,7 @@ def run_config(name, dtype, compiled, compiled_loss, args, device, flops_per_ima
     row.update({"steps/s": f"{1 / seconds:.3g}", "images/s": f"{images_per_s:.3g}", "TFLOP/s": f"{achieved:.3g}",
                 "MFU": f"{100 * achieved / peak:.1f}%" if peak else "n/a",
                 "peak mem (GiB)": f"{memory:.1f}" if memory is not None else "n/a",
-                "loss peak (MiB)": f"{loss_peak / 2**20:.1f}"})
+                "loss peak (MiB)": f"{loss_peak / 2**20:.1f}", "sampling pass peak": f"{pass_peak:.2f} x output"})
     return row
 
 

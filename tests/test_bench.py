@@ -49,6 +49,7 @@ def test_appends_a_section_with_one_row_per_config(tmp_path):
                                                         rel=1.5e-2)
         assert cells["MFU"] == "n/a" and cells["peak mem (GiB)"] == "n/a"  # a CPU without --peak-tflops
         assert float(cells["loss peak (MiB)"]) > 0
+        assert float(cells["sampling pass peak"].split()[0]) >= 1  # at least the output itself
     # a second run appends a second section and keeps the first
     bench.main(TINY + ["--dtype", "fp32", "--out", out])
     assert out.read_text().startswith(text) and len(table_rows(out.read_text())) == 3

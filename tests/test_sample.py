@@ -131,6 +131,19 @@ def test_precision_bf16_runs_on_cpu_and_is_recorded(flow_ckpts, tmp_path, monkey
                                                                 cfg_scale=2.0))
 
 
+def test_large_images_are_decoded_a_few_at_a_time_into_the_same_pictures(flow_ckpts, monkeypatch):
+    """The tokenizer decodes at most DECODE_PIXELS pixels at once (its activations at a batch of 250 images of 256 x
+    256 would need tens of GB); the pictures are those of one decode of the whole batch."""
+    flow = checkpoint.Flow(str(flow_ckpts["purrception"]))
+    labels = np.arange(7) % 10
+    whole = sample.generate(flow, labels, seed=3, steps=2)
+    decode, sizes = flow.tokenizer.decode, []
+    monkeypatch.setattr(flow.tokenizer, "decode", lambda codes: sizes.append(len(codes)) or decode(codes))
+    monkeypatch.setattr(sample, "DECODE_PIXELS", 3 * 28 * 28)  # three 28 x 28 images a decode
+    assert np.array_equal(sample.generate(flow, labels, seed=3, steps=2), whole)
+    assert sizes == [3, 3, 1]
+
+
 def test_grid_is_a_compact_picture_of_the_samples_drawn():
     """grid.png: the classes in the order drawn, a row of each (or several classes a row, when each has few
     samples), at most 8 rows and 10 columns, every cell a sample; 256-px images shrink to 128-px tiles."""
