@@ -178,9 +178,9 @@ class FinalLayer(nn.Module):
     (training) it is the one product and its unpatchify: autograd's record of p * p writes into one tensor would
     copy the output's gradient at each of them."""
 
-    def __init__(self, hidden_size, patch_size, out_dim):
+    def __init__(self, hidden_size, patch_size, out_dim, grid_size):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size, self.patches = patch_size, grid_size // patch_size  # h = w patches a side
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
@@ -189,7 +189,7 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
         x = modulate(self.norm_final(x), shift, scale)  # (B, T, D)
         B, T, D = x.shape
-        p, h = self.patch_size, math.isqrt(T)  # h x h patches
+        p, h = self.patch_size, self.patches  # h x h patches
         if p == 1 or torch.is_grad_enabled():  # p = 1: a token is a position, and unpatchify a view
             return unpatchify(self.linear(x), p, h * p)  # (B, H, W, out_dim)
         x = x.view(B, h, h, D)  # (B, h, w, D)
@@ -247,7 +247,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_dim)
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_dim, grid_size)
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -109,6 +109,9 @@ def parse_args(argv=None):
                                      help="the dataset of the code sets")
     parsers["joint"].add_argument("--data", choices=IMAGE_DATASETS, default="fashion-mnist",
                                   help="the dataset (its preset in configs/ sets the flow and the sampler)")
+    parsers["joint"].add_argument("--flow-weight", type=float, default=joint.FLOW_WEIGHT,
+                                  help="w, the weight of the flow's loss in the codebook's gradient (the stages "
+                                  "without the two together are shared by every weight)")
     parsers["codebook"].add_argument("--codes", help="comma-separated code sets of `python tokenizer.py encode`, one per "
                                      "codebook size, on one grid")
     parsers["convergence"].add_argument("--schedule", choices=("one-run", "per-budget"),

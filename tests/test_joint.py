@@ -169,6 +169,16 @@ def test_joint_study_end_to_end(classifier, tmp_path):
     assert re.findall(r"seed (\d) (\w+): (\w+) for (\d+) steps", stdout) == []
     again = json.loads((out / f"{name}.json").read_text())["rows"]
     assert [(r["arm"], r["fid"], r["moved"]) for r in again] == [(r["arm"], r["fid"], r["moved"]) for r in rows]
+    # another flow weight trains only the stages together, and shares the others (the frozen arm's whole)
+    rc, stdout, err = run_cli("experiments/study.py", *args, "--flow-weight", "0.5")
+    assert rc == 0, err[-2000:]
+    trained = re.findall(r"seed (\d) (\w+): (\w+) for (\d+) steps", stdout)
+    assert trained == [(s, *stage) for s in "01" for stage in (("joint", "together", "5"),
+                                                                ("finetune", "together", "2"))]
+    half = json.loads((out / f"{name}-w0.5.json").read_text())
+    assert half["flow_weight"] == 0.5
+    assert ([r["fid"] for r in half["rows"] if r["arm"] == "frozen"] ==
+            [r["fid"] for r in rows if r["arm"] == "frozen"])
     # another budget's stages are refused
     settings = out / name / "settings.json"
     settings.write_text(json.dumps(dict(json.loads(settings.read_text()), flow_steps=7)))
@@ -176,7 +186,10 @@ def test_joint_study_end_to_end(classifier, tmp_path):
     assert rc == 2 and err.strip().count("\n") == 0 and "other settings" in err
 
 
-def test_joint_needs_its_data(tmp_path):
-    rc, _, err = run_cli("experiments/study.py", "joint", "--budget", "tiny", "--out", tmp_path)
-    assert rc == 2 and "--data-dir" in err and err.strip().count("\n") == 0
+@pytest.mark.parametrize("flags,message", [([], "--data-dir"),
+                                           (["--data-dir", FASHION_MNIST, "--flow-weight", "-1"], "--flow-weight -1"),
+                                           (["--data-dir", FASHION_MNIST, "--flow-weight", "nan"], "--flow-weight nan")])
+def test_joint_bad_input_is_one_line_before_any_work(flags, message, tmp_path):
+    rc, _, err = run_cli("experiments/study.py", "joint", "--budget", "tiny", "--out", tmp_path, *flags)
+    assert rc == 2 and message in err and err.strip().count("\n") == 0
     np.testing.assert_equal(list(tmp_path.iterdir()), [])

@@ -30,7 +30,9 @@ u. What keeps the codes in place: they stay on the unit sphere (E = normalize(V)
 spread them without bound, and L_code holds each used code to the mean direction of its encoder outputs, so
 they cannot drift away from what the encoder produces or collapse onto one another while the encoder spreads.
 Dead-code restarts stop while the flow trains: re-seeding code k would change what the flow's k-th logit means.
-A code no image picks gets no gradient and stays where it is.
+A code no image picks gets no gradient and stays where it is. `--flow-weight W` sets w (1 by default); the
+stages without the two together do not depend on it and are shared by every weight, so the frozen arm trains
+once.
 
 Per arm: accuracy and FID-LeNet of `num_samples` guided samples (the preset's sampler) against the test split,
 the tokenizer's reconstructions of the first `num_samples` training images scored the same way (the ceiling,
@@ -44,6 +46,7 @@ the decoder that moved.
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -70,7 +73,7 @@ BUDGETS = {
     "full": dict(tokenizer_steps=2800, flow_steps=2500, together=1000, warmup=300, tokenizer_batch=128,
                  flow_batch=32, limit=None, seeds=2, num_samples=1000, sample_steps=None, log_every=100),
 }
-FLOW_WEIGHT = 1.0  # w: the flow's term in the codebook's gradient
+FLOW_WEIGHT = 1.0  # w: the flow's term in the codebook's gradient (--flow-weight)
 TOKENIZER_LR, TOKENIZER_WARMUP = 4e-3, 100  # tier 2's tokenizer (configs/fmnist.json, tokenizer.py's warm-up)
 PRESETS = {"fashion-mnist": "fmnist", "mnist": "mnist"}
 
@@ -167,8 +170,9 @@ class Arm:
     """One arm of one seed: its tokenizer (vq.MnistVQ), flow (DiT, EMA, AdamW), their optimizers and step counts,
     and the log of its training. state() / load() make a stage's end a file the next run starts from."""
 
-    def __init__(self, b, preset, seed, num_codes):
+    def __init__(self, b, preset, seed, num_codes, flow_weight=FLOW_WEIGHT):
         torch.manual_seed(seed)
+        self.flow_weight = flow_weight
         self.tok = vq.MnistVQ(num_codes=num_codes)
         self.tok_opt = torch.optim.Adam(self.tok.parameters(), lr=TOKENIZER_LR)
         self.settings = flow_settings(preset, seed)
@@ -208,7 +212,8 @@ class Arm:
             self.start_codes = self.tok.codebook.clone()
         trainee = train.Trainee(self.dit, self.dit, self.ema, self.opt, torch.amp.GradScaler("cpu", enabled=False),
                                 torch.autocast("cpu", enabled=False))
-        step_loss = StepLoss(self.tok, self.flow, b["flow_batch"], together=stage == "together")
+        step_loss = StepLoss(self.tok, self.flow, b["flow_batch"], together=stage == "together",
+                             flow_weight=self.flow_weight)
         for i in range(steps):
             tokenizer_updates = stage != "flow"
             torch.manual_seed(self.seed * 1_000_003 + self.tok_step * 7919 + self.flow_step)  # a stage-free stream
@@ -275,15 +280,16 @@ STAGES = {  # arm -> [(stage, steps)] in terms of the budget
 }
 
 
-def train_arm(arm_name, seed, b, preset, seed_dir, data):
-    """Train one arm stage by stage. The end of each stage is saved in seed_dir (its name the stages so far) and
-    reused by a later run, or by another arm with the same first stages; an arm's first stage, the tokenizer
-    alone, goes on from the longest shorter one kept (the tokenizer's schedule, data and random draws are
-    functions of its step, so this is what an unbroken run gives). Returns (Arm, {stage: seconds})."""
-    arm, done, seconds = Arm(b, preset, seed, num_codes=256), [], {}
+def train_arm(arm_name, seed, b, preset, seed_dir, data, flow_weight=FLOW_WEIGHT):
+    """Train one arm stage by stage. The end of each stage is saved in seed_dir (its name the stages so far, with
+    the flow weight of a stage together where it is not 1) and reused by a later run, or by another arm or flow
+    weight with the same first stages; an arm's first stage, the tokenizer alone, goes on from the longest shorter
+    one kept (the tokenizer's schedule, data and random draws are functions of its step, so this is what an
+    unbroken run gives). Returns (Arm, {stage: seconds})."""
+    arm, done, seconds = Arm(b, preset, seed, num_codes=256, flow_weight=flow_weight), [], {}
     os.makedirs(seed_dir, exist_ok=True)
     for stage, steps in STAGES[arm_name](b):
-        done.append(f"{stage}{steps}")
+        done.append(f"{stage}{steps}" + (f"w{flow_weight:g}" if stage == "together" and flow_weight != 1 else ""))
         path = os.path.join(seed_dir, "-".join(done) + ".pt")
         earlier = path if os.path.exists(path) else shorter_first_stage(seed_dir, steps) if len(done) == 1 else None
         spent = 0.0
@@ -315,15 +321,18 @@ def shorter_first_stage(seed_dir, steps):
 
 def run(args):
     b, start = BUDGETS[args.budget], clock()
-    name = f"joint-{args.data}"
+    w = args.flow_weight
+    if not 0 <= w < math.inf:
+        raise UserError(f"--flow-weight {w}: expected a number >= 0 (0: the flow's loss does not reach the codes)")
+    name = f"joint-{args.data}" + ("" if w == 1 else f"-w{w:g}")
     refuse_to_replace(args, name, [name, name + "-samples"])
     need_scoring(args.data, args)
     preset = PRESETS[args.data]
     sampler = config.load_preset(preset, "sample")
     draw_settings = dict(steps=b["sample_steps"] or sampler["steps"], solver=sampler["solver"],
                          cfg_scale=sampler["cfg_scale"], cfg_interval=vfm.parse_cfg_interval(sampler["cfg_interval"]))
-    settings = dict(b, flow_weight=FLOW_WEIGHT, tokenizer_lr=TOKENIZER_LR, preset=preset, sampler=draw_settings)
-    work = os.path.join(args.out, name)
+    settings = dict(b, tokenizer_lr=TOKENIZER_LR, preset=preset, sampler=draw_settings)  # of every stage kept
+    work = os.path.join(args.out, f"joint-{args.data}")  # the stages of every flow weight
     check_settings(work, settings)
     with user_errors():
         pixels, labels = datasets.load_mnist(args.data, args.data_dir, "train")
@@ -335,7 +344,7 @@ def run(args):
     for seed in range(args.seed, args.seed + b["seeds"]):
         for arm_name in sorted(ARMS, key=lambda a: STAGES[a](b)[0][1]):  # the shortest first stage first
             seed_dir = os.path.join(work, f"seed-{seed}")
-            arm, seconds = train_arm(arm_name, seed, b, preset, seed_dir, (pixels, labels))
+            arm, seconds = train_arm(arm_name, seed, b, preset, seed_dir, (pixels, labels), w)
             tok, flow_path = arm.save(os.path.join(seed_dir, arm_name), args.data)
             flow = load_flow(flow_path, ("purrception",), "the joint study")
             samples, sample_labels, sample_seconds = timed_draw(flow, b["num_samples"], seed, **draw_settings)
@@ -358,8 +367,9 @@ def run(args):
                 pictures[arm_name] = class_rows(samples, sample_labels, real, recon, labels[:b["num_samples"]].numpy())
     figures = {name: figure_curves(rows, b, args.data),
                name + "-samples": figure_pictures({a: pictures[a] for a in ARMS})}
-    return write_outputs(args, name, table(rows, b), note(b, draw_settings, preset, args),
-                         dict(settings=settings, dataset=args.data, seeds=b["seeds"], rows=rows), start, figures)
+    return write_outputs(args, name, table(rows, b), note(b, draw_settings, preset, args, w),
+                         dict(settings=settings, flow_weight=w, dataset=args.data, seeds=b["seeds"], rows=rows), start,
+                         figures)
 
 
 def check_settings(work, settings):
@@ -389,11 +399,11 @@ def table(rows, b):
           mean_spread([sum(r["seconds"].values()) / 60 for r in rows if r["arm"] == arm])] for arm in ARMS])
 
 
-def note(b, draw, preset, args):
+def note(b, draw, preset, args, w):
     return (f"Each arm: {b['tokenizer_steps']} tokenizer updates (batch {b['tokenizer_batch']}, lr {TOKENIZER_LR}) "
             f"and {b['flow_steps']} flow updates (configs/{preset}.json's flow, batch {b['flow_batch']}); finetune "
             f"trains the last {b['together']} together, joint all but the first {b['warmup']} tokenizer steps; flow "
-            f"weight on the codebook w = {FLOW_WEIGHT}. {b['num_samples']} samples of the EMA flow ({draw['steps']} "
+            f"weight on the codebook w = {w:g}. {b['num_samples']} samples of the EMA flow ({draw['steps']} "
             f"{draw['solver']} steps, guidance {draw['cfg_scale']} for t in {list(draw['cfg_interval'])}) against "
             f"the test split; ceiling: the arm's reconstructions of the first {b['num_samples']} training images, "
             f"scored the same way; test MSE, usage and perplexity on the test split; nearest code: mean distance to "
