@@ -102,8 +102,6 @@ def test_joint_grad_decoder_sees_the_code_and_the_encoder_the_identity():
     torch.testing.assert_close(z_q, quantizer.codebook.detach()[codes].permute(0, 3, 1, 2))
     weights = torch.randn_like(z_q)
     (z_q * weights).sum().backward()
-    u = torch.nn.functional.normalize(z.detach().requires_grad_(), dim=1)
-    (u * weights).sum().backward()
     expected = torch.autograd.grad((torch.nn.functional.normalize(z, dim=1) * weights).sum(), z)[0]
     torch.testing.assert_close(z.grad, expected)
 
@@ -117,7 +115,6 @@ def test_joint_grad_a_frozen_tokenizer_gets_none_and_the_flow_trains_on_its_code
     loss.backward()
     assert all(g is None for g in grads(arm.tok).values())
     assert reached(grads(arm.dit))
-    torch.testing.assert_close(arm.flow.codebook, arm.tok.codebook)
 
 
 def test_joint_a_tokenizer_stage_continued_from_a_shorter_one_is_the_unbroken_one():
@@ -179,6 +176,9 @@ def test_joint_study_end_to_end(classifier, tmp_path):
     assert half["flow_weight"] == 0.5
     assert ([r["fid"] for r in half["rows"] if r["arm"] == "frozen"] ==
             [r["fid"] for r in rows if r["arm"] == "frozen"])
+    for r, h in zip(rows, half["rows"]):  # each weight's arms keep their own tokenizer and flow
+        assert (r["flow"] == h["flow"]) == (r["arm"] == "frozen")
+        assert torch.equal(checkpoint.Flow(r["flow"]).codebook, tokenizers.load(r["tokenizer"]).codebook)
     # another budget's stages are refused
     settings = out / name / "settings.json"
     settings.write_text(json.dumps(dict(json.loads(settings.read_text()), flow_steps=7)))
@@ -186,9 +186,10 @@ def test_joint_study_end_to_end(classifier, tmp_path):
     assert rc == 2 and err.strip().count("\n") == 0 and "other settings" in err
 
 
-@pytest.mark.parametrize("flags,message", [([], "--data-dir"),
-                                           (["--data-dir", FASHION_MNIST, "--flow-weight", "-1"], "--flow-weight -1"),
-                                           (["--data-dir", FASHION_MNIST, "--flow-weight", "nan"], "--flow-weight nan")])
+@pytest.mark.parametrize("flags,message", [
+    ([], "--data-dir"),
+    (["--data-dir", FASHION_MNIST, "--flow-weight", "-1"], "--flow-weight -1"),
+    (["--data-dir", FASHION_MNIST, "--flow-weight", "nan"], "--flow-weight nan")])
 def test_joint_bad_input_is_one_line_before_any_work(flags, message, tmp_path):
     rc, _, err = run_cli("experiments/study.py", "joint", "--budget", "tiny", "--out", tmp_path, *flags)
     assert rc == 2 and message in err and err.strip().count("\n") == 0

@@ -58,15 +58,14 @@ import torch.nn.functional as F
 import train
 import vfm
 import vq
-from experiments.studies.common import (clock, load_flow, mean_spread, need_scoring, pyplot, refuse_to_replace,
-                                        score, timed_draw, write_outputs)
+from experiments.studies.common import (clock, load_flow, need_scoring, refuse_to_replace, score, timed_draw,
+                                        write_outputs)
+from experiments.studies.joint_report import ARMS, class_rows, figure_curves, figure_pictures, note, table
 from support import checkpoint, config, datasets, files, images, tokenizers
 from support.cli import UserError, user_errors
 from support.schedule import learning_rate
 from tokenizer import reconstruction_metrics
 
-ARMS = ("frozen", "finetune", "joint")
-ARM_COLORS = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green")))
 BUDGETS = {
     "tiny": dict(tokenizer_steps=6, flow_steps=5, together=2, warmup=1, tokenizer_batch=16, flow_batch=8,
                  limit=256, seeds=2, num_samples=20, sample_steps=2, log_every=2),
@@ -131,11 +130,12 @@ class StepLoss:
         if self.together:
             z_q, codes, parts["vq"] = self.tok.quantizer(self.tok.encoder(x))
             parts["rec"] = F.mse_loss(self.tok.decoder(z_q), x)
-            self.flow.codebook = scale_grad(self.tok.quantizer.codebook, self.flow_weight)
+            self.flow.codebook = vfm.flow_codebook(scale_grad(self.tok.quantizer.codebook, self.flow_weight),
+                                                   self.flow.codebook_scale)
             codes = codes[:n]
         else:
             codes = self.tok.encode(x[:n])
-            self.flow.codebook = self.tok.codebook
+            self.flow.codebook = vfm.flow_codebook(self.tok.codebook, self.flow.codebook_scale)
         parts["flow"], per_sample, t = self.flow.loss(dit, codes, y[:n])
         self.terms, self.parts = parts, {k: v.item() for k, v in parts.items()}
         return sum(parts.values()), per_sample, t
@@ -238,7 +238,8 @@ class Arm:
                 n = self.flow_step
                 train.train_step(trainee, step_loss, [(x, y, None)],
                                  lr=learning_rate(n, b["flow_steps"], s.lr, s.warmup_steps, final=s.lr_final),
-                                 grad_clip=s.grad_clip, ema_decay=min(s.ema_decay, (1 + n) / (10 + n)))
+                                 grad_clip=s.grad_clip,
+                                 ema_decay=min(s.ema_decay, (1 + n) / (10 + n)) if s.ema_warmup else s.ema_decay)
                 parts = step_loss.parts
                 self.flow_step += 1
             if tokenizer_updates:
@@ -345,7 +346,9 @@ def run(args):
         for arm_name in sorted(ARMS, key=lambda a: STAGES[a](b)[0][1]):  # the shortest first stage first
             seed_dir = os.path.join(work, f"seed-{seed}")
             arm, seconds = train_arm(arm_name, seed, b, preset, seed_dir, (pixels, labels), w)
-            tok, flow_path = arm.save(os.path.join(seed_dir, arm_name), args.data)
+            weighed = w != 1 and any(stage == "together" for stage, _ in STAGES[arm_name](b))
+            arm_dir = os.path.join(seed_dir, arm_name + (f"-w{w:g}" if weighed else ""))
+            tok, flow_path = arm.save(arm_dir, args.data)
             flow = load_flow(flow_path, ("purrception",), "the joint study")
             samples, sample_labels, sample_seconds = timed_draw(flow, b["num_samples"], seed, **draw_settings)
             recon = images.to_uint8(tok.decode(tok.encode(images.to_float(pixels[:b["num_samples"]]))))
@@ -356,7 +359,7 @@ def run(args):
                              test_mse=round(tok_metrics["mse"], 5), usage=round(tok_metrics["usage"], 4),
                              perplexity=round(tok_metrics["perplexity"], 1), moved=round(moved, 4),
                              **code_geometry(tok.codebook), seconds=seconds, sample_seconds=round(sample_seconds, 1),
-                             tokenizer=os.path.abspath(os.path.join(seed_dir, arm_name, "tokenizer.pt")),
+                             tokenizer=os.path.abspath(os.path.join(arm_dir, "tokenizer.pt")),
                              flow=os.path.abspath(flow_path), log=arm.log))
             r = rows[-1]
             print(f"  seed {seed} {arm_name:<8}: accuracy {r['accuracy']:.3f}  FID {r['fid']:.2f}  (ceiling "
@@ -367,7 +370,7 @@ def run(args):
                 pictures[arm_name] = class_rows(samples, sample_labels, real, recon, labels[:b["num_samples"]].numpy())
     figures = {name: figure_curves(rows, b, args.data),
                name + "-samples": figure_pictures({a: pictures[a] for a in ARMS})}
-    return write_outputs(args, name, table(rows, b), note(b, draw_settings, preset, args, w),
+    return write_outputs(args, name, table(rows, b), note(b, draw_settings, preset, args.seed, w, TOKENIZER_LR),
                          dict(settings=settings, flow_weight=w, dataset=args.data, seeds=b["seeds"], rows=rows), start,
                          figures)
 
@@ -383,83 +386,3 @@ def check_settings(work, settings):
                             f"that folder")
     os.makedirs(work, exist_ok=True)
     files.write_json(path, settings)
-
-
-def table(rows, b):
-    def cell(arm, key, sub=None):
-        values = [(r[key][sub] if sub else r[key]) for r in rows if r["arm"] == arm]
-        return mean_spread(values)
-
-    return files.markdown_table(
-        ["arm", "accuracy", "FID-LeNet", "ceiling accuracy", "ceiling FID-LeNet", "test MSE", "usage", "perplexity",
-         "nearest code", "spread", "codes moved", "minutes"],
-        [[arm, cell(arm, "accuracy"), cell(arm, "fid"), cell(arm, "ceiling", "accuracy"), cell(arm, "ceiling", "fid"),
-          cell(arm, "test_mse"), cell(arm, "usage"), cell(arm, "perplexity"), cell(arm, "nearest"),
-          cell(arm, "spread"), cell(arm, "moved"),
-          mean_spread([sum(r["seconds"].values()) / 60 for r in rows if r["arm"] == arm])] for arm in ARMS])
-
-
-def note(b, draw, preset, args, w):
-    return (f"Each arm: {b['tokenizer_steps']} tokenizer updates (batch {b['tokenizer_batch']}, lr {TOKENIZER_LR}) "
-            f"and {b['flow_steps']} flow updates (configs/{preset}.json's flow, batch {b['flow_batch']}); finetune "
-            f"trains the last {b['together']} together, joint all but the first {b['warmup']} tokenizer steps; flow "
-            f"weight on the codebook w = {w:g}. {b['num_samples']} samples of the EMA flow ({draw['steps']} "
-            f"{draw['solver']} steps, guidance {draw['cfg_scale']} for t in {list(draw['cfg_interval'])}) against "
-            f"the test split; ceiling: the arm's reconstructions of the first {b['num_samples']} training images, "
-            f"scored the same way; test MSE, usage and perplexity on the test split; nearest code: mean distance to "
-            f"the nearest other code; spread: mean distance between two codes; codes moved: mean distance from where "
-            f"they were when the flow started. Mean ± half the range over {b['seeds']} seeds from {args.seed}; "
-            f"minutes: training, shared stages counted in every arm that uses them.")
-
-
-def figure_curves(rows, b, dataset):
-    """The training logs of the first seed, each value of one training batch: the flow's loss, the tokenizer's
-    reconstruction error and the codes' nearest-neighbour distance, against each part's own updates."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    first = rows[0]["seed"]
-    for r in (r for r in rows if r["seed"] == first):
-        log = r["log"]
-        flow = [(e["flow_step"], e["flow"]) for e in log if "flow" in e]
-        rec = [(e["tokenizer_step"], e["rec"]) for e in log if "rec" in e]
-        geometry = [(e["tokenizer_step"], e["nearest"]) for e in log]  # the flow alone: the codes where they stopped
-        for ax, points in zip(axes, (flow, rec, geometry)):
-            if points:
-                ax.plot(*zip(*sorted(points)), "-", lw=1.2, c=ARM_COLORS[r["arm"]], label=r["arm"])
-    for ax, (xlabel, ylabel) in zip(axes, (("flow updates", "flow loss (cross-entropy + z-loss, training batch)"),
-                                           ("tokenizer updates", "reconstruction MSE (training batch)"),
-                                           ("tokenizer updates", "mean distance to the nearest other code"))):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{dataset}: the tokenizer frozen, fine-tuned with the flow, or trained with it (seed {first})",
-                 fontsize=10)
-    fig.tight_layout()
-    return files.figure(fig)
-
-
-def class_rows(samples, sample_labels, real, recon, real_labels):
-    """A row per class: its first two samples, then its first real image and that image's reconstruction (white
-    where there is none)."""
-    white = np.full(samples.shape[1:], 255, np.uint8)
-
-    def nth(pictures, labels, c, k):
-        where = np.nonzero(labels == c)[0]
-        return pictures[where[k]] if len(where) > k else white
-
-    return np.stack([nth(pictures, labels, c, k) for c in range(10) for pictures, labels, k in
-                     ((samples, sample_labels, 0), (samples, sample_labels, 1), (real, real_labels, 0),
-                      (recon, real_labels, 0))])
-
-
-def figure_pictures(pictures):
-    """Per arm, a row per class: two guided samples, a real training image, its reconstruction by the arm's
-    tokenizer."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(pictures), figsize=(3.2 * len(pictures), 7), squeeze=False)
-    for ax, (arm, rows) in zip(axes[0], pictures.items()):
-        ax.imshow(np.asarray(images.image_grid(rows, 4, scale=1).convert("RGB")))
-        ax.set_title(f"{arm}: samples | real | reconstruction", fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    return files.figure(fig)
