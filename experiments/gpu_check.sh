@@ -4,8 +4,8 @@
 #     bash experiments/gpu_check.sh bench [OUT]       # about 3 to 4 min on an H100
 #     bash experiments/gpu_check.sh pipeline [OUT]    # about 4.5 min; under 4 straight after bench on one machine
 #
-# On the device machine of this workplace, one call of its tool `run` each, from the repository's root; what
-# travels is the working tree as it is, nothing carried (the pipeline makes its own data, and the GPU tests run on
+# On a lent GPU machine that runs one command at a time from the repository's root, one call each; what must
+# travel is the working tree as it is, nothing more (the pipeline makes its own data, and the GPU tests run on
 # random codes where Fashion-MNIST is missing); most of each command is compiling DiT-XL/2 (about 1.5 min a graph):
 #
 #     run(command="bash experiments/gpu_check.sh bench", timeout_s=360)
@@ -107,7 +107,7 @@ declare -A PID START COMMAND  # of the steps in the background
 
 archive() { tar -czf "$ARCHIVE.tmp" -C "$W" logs && mv -f "$ARCHIVE.tmp" "$ARCHIVE"; }
 finish() {
-  for pid in "${PID[@]}"; do  # a background step still running: its command, then the shell that waits for it
+  for pid in ${PID[@]+"${PID[@]}"}; do  # a background step still running: its command, then the shell that waits for it
     command -v pkill >/dev/null && pkill -P "$pid" 2>/dev/null
     kill "$pid" 2>/dev/null
   done
