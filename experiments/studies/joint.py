@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import train
 import vfm
 import vq
@@ -351,7 +352,7 @@ def run(args):
             tok, flow_path = arm.save(arm_dir, args.data)
             flow = load_flow(flow_path, ("purrception",), "the joint study")
             samples, sample_labels, sample_seconds = timed_draw(flow, b["num_samples"], seed, **draw_settings)
-            recon = images.to_uint8(tok.decode(tok.encode(images.to_float(pixels[:b["num_samples"]]))))
+            recon = evaluate.reconstruct(tok, pixels[:b["num_samples"]].numpy())  # (n, 28, 28, 1)
             tok_metrics = reconstruction_metrics(tok, test_pixels)
             moved = (tok.codebook - arm.start_codes).norm(dim=1).mean().item()
             rows.append(dict(arm=arm_name, seed=seed, **score(samples, sample_labels, args.data, args),
@@ -366,7 +367,7 @@ def run(args):
                   f"{r['ceiling']['accuracy']:.3f}, {r['ceiling']['fid']:.2f})  usage {r['usage']:.2f}  nearest code "
                   f"{r['nearest']:.3f}  moved {r['moved']:.3f}", flush=True)
             if seed == args.seed:
-                real = images.to_uint8(images.to_float(pixels[:b["num_samples"]]))
+                real = pixels[:b["num_samples"]].numpy()[..., None]  # (n, 28, 28, 1)
                 pictures[arm_name] = class_rows(samples, sample_labels, real, recon, labels[:b["num_samples"]].numpy())
     figures = {name: figure_curves(rows, b, args.data),
                name + "-samples": figure_pictures({a: pictures[a] for a in ARMS})}
